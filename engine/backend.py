@@ -1,0 +1,57 @@
+"""The generation backend contract: what the soft best-of-n loop needs from an engine.
+
+The real implementation is :mod:`engine.vllm_backend` (the only module that imports vLLM);
+tests use small fakes. Prompts are always token ids here: blockwise decoding continues
+from the ids of the chosen blocks and never re-tokenises text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from engine.types import Candidate, SamplingSettings
+from reward.base import Prompt
+
+
+class BackendError(RuntimeError):
+    """The engine is unavailable or failed while generating."""
+
+
+class InvalidGenerationRequest(ValueError):
+    """The engine refused the request's parameters."""
+
+
+class PromptTooLongError(InvalidGenerationRequest):
+    """The prompt plus the requested tokens do not fit the model's context."""
+
+
+class GenerationBackend(Protocol):
+    """An async engine that returns n sampled continuations of a tokenised prompt."""
+
+    model_name: str
+    max_model_len: int
+
+    async def generate(
+        self,
+        prompt_token_ids: Sequence[int],
+        n: int,
+        sampling: SamplingSettings,
+        max_tokens: int,
+        request_id: str,
+        seed: int | None,
+    ) -> list[Candidate]:
+        """Sample ``n`` continuations (one engine request; the prompt's KV is shared)."""
+        ...
+
+    async def abort(self, request_ids: Sequence[str]) -> None:
+        """Stop the named requests; unknown ids are ignored."""
+        ...
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: chat messages through the model's chat template."""
+        ...
+
+    def num_unfinished_requests(self) -> int:
+        """Engine requests that are queued or running now."""
+        ...

@@ -1,0 +1,226 @@
+"""One typed configuration tree for the whole service.
+
+Loaded from ``config.yaml``, then overridden by environment variables
+(``SBON_ENGINE__DTYPE=bfloat16``: prefix ``SBON_``, ``__`` between levels) and by
+command-line overrides (``--set engine.dtype=bfloat16``); precedence CLI > env > file >
+defaults. Validation happens once, at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from engine.selection import Normalization
+from reward.config import RewardConfig
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "SBON_"
+EMBEDDED_MODEL = "embedded"
+
+
+class ModelConfig(BaseModel):
+    """The policy model. ``embedded`` is SmolLM2-135M-Instruct shipped in a Python package."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = EMBEDDED_MODEL  # "embedded", a hub id or a local folder
+    served_name: str | None = None  # the id clients send as "model"; defaults to name
+    cache_dir: str = "~/.cache/sbon"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @property
+    def public_name(self) -> str:
+        if self.served_name:
+            return self.served_name
+        return "smollm2-135m-instruct" if self.name == EMBEDDED_MODEL else self.name
+
+
+class EngineConfig(BaseModel):
+    """Settings passed to vLLM's engine. Defaults suit a small CPU machine."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
+    max_model_len: int = Field(default=2048, ge=64)
+    memory_fraction: float = Field(default=0.3, gt=0.0, le=1.0)  # gpu_memory_utilization
+    kv_cache_gib: float | None = Field(default=None, gt=0.0)  # CPU backend KV cache size
+    enforce_eager: bool = True
+    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    pipeline_parallel_size: int = Field(default=1, ge=1)
+    data_parallel_size: int = Field(default=1, ge=1)
+    distributed_executor_backend: Literal["mp", "ray", "uni", "external_launcher"] | None = None
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    seed: int = 0
+    extra_args: dict[str, Any] = Field(default_factory=dict)  # any other AsyncEngineArgs field
+
+
+class SBoNDefaults(BaseModel):
+    """Soft best-of-n settings used when a request does not give them."""
+
+    enabled: bool = True  # False: requests without an ``sbon`` object get plain decoding
+    n: int = Field(default=4, ge=1)
+    lam: float = Field(default=1.0, ge=0.0, alias="lambda")
+    block_size: int | None = Field(default=None, ge=1)
+    normalize: Normalization = Normalization.RAW
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("lam", mode="before")
+    @classmethod
+    def _parse_lambda(cls, value: Any) -> Any:
+        return parse_lambda(value)
+
+
+class Limits(BaseModel):
+    """Server policy: requests above these are refused with a 400 naming the parameter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_candidates: int = Field(default=16, ge=1)
+    max_tokens: int = Field(default=1024, ge=1)
+    max_blocks: int = Field(default=64, ge=1)
+    max_choices: int = Field(default=4, ge=1)
+    max_concurrent_requests: int = Field(default=16, ge=1)
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = True
+
+
+class AppConfig(BaseModel):
+    """The whole configuration tree."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    rewards: list[RewardConfig] = Field(
+        default_factory=lambda: [RewardConfig(name="judge", type="judge")]
+    )
+    default_reward: str | None = None  # defaults to the first entry of ``rewards``
+    sbon: SBoNDefaults = Field(default_factory=SBoNDefaults)
+    limits: Limits = Field(default_factory=Limits)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @model_validator(mode="after")
+    def _check_rewards(self) -> AppConfig:
+        if not self.rewards:
+            raise ValueError("at least one reward must be configured")
+        names = [r.name for r in self.rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward names must be unique, got {names}")
+        if self.default_reward is None:
+            self.default_reward = names[0]
+        elif self.default_reward not in names:
+            raise ValueError(f"default_reward '{self.default_reward}' is not among {names}")
+        if self.sbon.n > self.limits.max_candidates:
+            raise ValueError("sbon.n exceeds limits.max_candidates")
+        return self
+
+    def reward_config(self, name: str) -> RewardConfig | None:
+        return next((r for r in self.rewards if r.name == name), None)
+
+
+def parse_lambda(value: Any) -> Any:
+    """Accept ``inf``, ``infinity``, ``off`` and ``none`` (strings) as lambda = infinity."""
+    if isinstance(value, str) and value.strip().lower() in {"inf", "infinity", "off", "none"}:
+        return math.inf
+    return value
+
+
+def _parse_scalar(text: str) -> Any:
+    """Read an override value with YAML's scalar rules (numbers, booleans, null, lists)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for key in path[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[path[-1]] = value
+
+
+def env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any]]:
+    """``SBON_A__B=v`` becomes ([a, b], v)."""
+    found = []
+    for key, raw in environ.items():
+        if key.startswith(ENV_PREFIX) and "__" in key[len(ENV_PREFIX) :] or (
+            key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() == "default_reward"
+        ):
+            path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
+            found.append((path, _parse_scalar(raw)))
+    return found
+
+
+def cli_overrides(items: Iterable[str]) -> list[tuple[list[str], Any]]:
+    """``a.b=v`` strings (from ``--set``) become ([a, b], v)."""
+    found = []
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' is not of the form key.path=value")
+        key, raw = item.split("=", 1)
+        found.append(([p.strip() for p in key.split(".")], _parse_scalar(raw)))
+    return found
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> AppConfig:
+    """Build the configuration: defaults < file < environment < command line."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        file_path = Path(path).expanduser()
+        if not file_path.is_file():
+            raise FileNotFoundError(f"configuration file not found: {file_path}")
+        loaded = yaml.safe_load(file_path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{file_path}: the top level must be a mapping")
+        tree = loaded
+    env = os.environ if environ is None else environ
+    for key_path, value in env_overrides(env) + cli_overrides(overrides):
+        _set_path(tree, key_path, value)
+    return AppConfig.model_validate(tree)
+
+
+def non_default_values(config: AppConfig) -> dict[str, Any]:
+    """The settings that differ from the built-in defaults, for the start-up log."""
+    defaults = AppConfig().model_dump(mode="json")
+    current = config.model_dump(mode="json")
+    return _diff(defaults, current, "")
+
+
+def _diff(default: Any, current: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(default, dict) and isinstance(current, dict):
+        out: dict[str, Any] = {}
+        for key, value in current.items():
+            out.update(_diff(default.get(key), value, f"{prefix}{key}."))
+        return out
+    if default != current:
+        return {prefix.rstrip("."): current}
+    return {}

@@ -1,0 +1,102 @@
+"""Plain-data views of soft best-of-n results for JSON output and terminal tables."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from engine.types import BlockRecord, SBoNResult
+
+
+def _number(value: float) -> float | str:
+    # JSON has no infinity; lambda = infinity is written as the string "inf".
+    return "inf" if math.isinf(value) else value
+
+
+def block_to_dict(block: BlockRecord) -> dict[str, Any]:
+    return {
+        "index": block.index,
+        "chosen_index": block.chosen_index,
+        "rewards": block.rewards,
+        "weights": block.weights,
+        "ess": block.ess,
+        "kl_from_uniform": block.kl_from_uniform,
+        "kl_estimate": block.kl_estimate,
+        "candidates": [
+            {
+                "text": c.text,
+                "reward": c.reward,
+                "weight": c.weight,
+                "num_tokens": len(c.token_ids),
+                "cumulative_logprob": c.cumulative_logprob,
+                "finish_reason": c.finish_reason,
+            }
+            for c in block.candidates
+        ],
+    }
+
+
+def result_to_dict(result: SBoNResult) -> dict[str, Any]:
+    """Everything about one request, JSON-ready (the CLI's ``--json`` output)."""
+    final = result.final_block
+    return {
+        "text": result.text,
+        "finish_reason": result.finish_reason,
+        "chosen_index": final.chosen_index,
+        "candidates": [
+            {"text": c.text, "reward": c.reward, "weight": c.weight} for c in final.candidates
+        ],
+        "blocks": [block_to_dict(b) for b in result.blocks],
+        "params": {
+            "n": result.params.n,
+            "lambda": _number(result.params.lam),
+            "block_size": result.params.block_size,
+            "normalize": result.params.normalize.value,
+            "reward": result.reward_name,
+        },
+        "diagnostics": {
+            "ess": result.diagnostics.ess,
+            "kl_from_uniform": result.diagnostics.kl_from_uniform,
+            "kl_bon_bound": result.diagnostics.kl_bon_bound,
+            "kl_estimate": result.diagnostics.kl_estimate,
+            "win_rate_bound": result.diagnostics.win_rate_bound,
+        },
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "tokens_generated": result.tokens_generated,
+            "tokens_scored": result.tokens_scored,
+        },
+        "timings_s": result.timings,
+    }
+
+
+def _clip(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def render_text(result: SBoNResult, width: int = 70) -> str:
+    """A human-readable table of the final selection's candidates, then diagnostics."""
+    lines = []
+    blockwise = len(result.blocks) > 1 or result.params.block_size is not None
+    label = f"block {result.final_block.index} of {len(result.blocks)}" if blockwise else "response"
+    lines.append(f"candidates ({label}; * = chosen)")
+    lines.append(f"  {'#':>2}  {'reward':>9}  {'weight':>7}  text")
+    for i, c in enumerate(result.final_block.candidates):
+        mark = "*" if i == result.final_block.chosen_index else " "
+        lines.append(f"{mark} {i:>2}  {c.reward:>9.3f}  {c.weight:>7.3f}  {_clip(c.text, width)}")
+    d = result.diagnostics
+    lines += [
+        "",
+        "chosen text:",
+        result.text,
+        "",
+        f"blocks {len(result.blocks)}  finish {result.finish_reason}  "
+        f"tokens {result.completion_tokens} (generated {result.tokens_generated})",
+        f"ESS {d.ess:.2f}  KL(weights||uniform) {d.kl_from_uniform:.3f}  "
+        f"BoN bound {d.kl_bon_bound:.3f}  KL estimate {d.kl_estimate:.3f}  "
+        f"win-rate bound {d.win_rate_bound:.3f}",
+        "time: " + "  ".join(f"{k} {v:.2f}s" for k, v in result.timings.items()),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,246 @@
+"""The soft best-of-n decoding loop: generate n, score, select, append, repeat.
+
+Per-response mode is the loop with one block as long as ``max_tokens``. Blockwise mode
+[SBoN, section on sequences] continues from the token ids of the prefix (prompt plus the
+blocks chosen so far), scores prefix+block and stops at end of sequence, at a stop string
+(also one that spans two blocks) or at ``max_tokens``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from engine.backend import GenerationBackend
+from engine.selection import (
+    kl_bon_bound,
+    kl_bon_estimate,
+    select,
+    win_rate_bound,
+)
+from engine.types import (
+    BlockEvent,
+    BlockRecord,
+    Candidate,
+    Diagnostics,
+    SamplingSettings,
+    SBoNParams,
+    SBoNResult,
+    ScoredCandidate,
+)
+from engine.seeds import block_seed
+from reward.base import Prompt, RewardScorer
+
+
+class UnknownRewardError(KeyError):
+    """The request named a reward that is not configured."""
+
+
+@dataclass
+class _State:
+    """Mutable progress of one request through its blocks."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    text: str = ""
+    tokens_generated: int = 0
+    tokens_scored: int = 0
+    finish_reason: str | None = None
+
+
+def find_stop(text: str, stops: Sequence[str], start: int) -> int | None:
+    """Index of the earliest stop string that ends at or after ``start``, if any."""
+    best: int | None = None
+    for stop in stops:
+        if not stop:
+            continue
+        index = text.find(stop, max(0, start - len(stop) + 1))
+        if index >= 0 and (best is None or index < best):
+            best = index
+    return best
+
+
+class SBoNEngine:
+    """Runs soft best-of-n requests over a generation backend and named reward scorers."""
+
+    def __init__(
+        self,
+        backend: GenerationBackend,
+        scorers: Mapping[str, RewardScorer],
+        default_reward: str,
+    ) -> None:
+        if default_reward not in scorers:
+            raise ValueError(f"default reward '{default_reward}' is not among the scorers")
+        self.backend = backend
+        self.scorers = dict(scorers)
+        self.default_reward = default_reward
+
+    def scorer_for(self, name: str | None) -> tuple[str, RewardScorer]:
+        key = name or self.default_reward
+        if key not in self.scorers:
+            raise UnknownRewardError(key)
+        return key, self.scorers[key]
+
+    async def run(
+        self,
+        prompt: Prompt,
+        params: SBoNParams,
+        sampling: SamplingSettings,
+        request_id: str,
+        prompt_ids: Sequence[int] | None = None,
+    ) -> SBoNResult:
+        """Run a request to the end and return its result."""
+        result: SBoNResult | None = None
+        async for event in self.stream(prompt, params, sampling, request_id, prompt_ids):
+            if isinstance(event, SBoNResult):
+                result = event
+        assert result is not None  # stream always ends with the result
+        return result
+
+    async def stream(
+        self,
+        prompt: Prompt,
+        params: SBoNParams,
+        sampling: SamplingSettings,
+        request_id: str,
+        prompt_ids: Sequence[int] | None = None,
+    ) -> AsyncIterator[BlockEvent | SBoNResult]:
+        """Yield one :class:`BlockEvent` per chosen block, then the :class:`SBoNResult`."""
+        reward_name, scorer = self.scorer_for(params.reward)
+        ids = list(prompt_ids) if prompt_ids is not None else self.backend.encode_prompt(prompt)
+        state = _State(prompt_ids=ids, response_ids=[])
+        rng = random.Random(sampling.seed) if sampling.seed is not None else random.Random()
+        blocks: list[BlockRecord] = []
+        while state.finish_reason is None:
+            record = await self._step(prompt, params, sampling, request_id, scorer, state, rng,
+                                      len(blocks))
+            blocks.append(record)
+            delta = self._append(record.candidates[record.chosen_index], record, params,
+                                 sampling, state)
+            yield BlockEvent(block=record, text_delta=delta, finished=state.finish_reason is not None)
+        yield self._result(params, reward_name, blocks, state)
+
+    async def _step(
+        self,
+        prompt: Prompt,
+        params: SBoNParams,
+        sampling: SamplingSettings,
+        request_id: str,
+        scorer: RewardScorer,
+        state: _State,
+        rng: random.Random,
+        index: int,
+    ) -> BlockRecord:
+        remaining = sampling.max_tokens - len(state.response_ids)
+        size = min(params.block_size or remaining, remaining)
+        started = time.perf_counter()
+        candidates = await self.backend.generate(
+            state.prompt_ids + state.response_ids,
+            params.n,
+            sampling,
+            size,
+            f"{request_id}-b{index}",
+            block_seed(sampling.seed, index),
+        )
+        generated = time.perf_counter()
+        responses = [state.text + c.text for c in candidates]
+        rewards = await scorer.score([prompt] * len(candidates), responses)
+        scored = time.perf_counter()
+        selection = select(rewards, params.lam, rng, params.normalize)
+        chosen = candidates[selection.chosen_index]
+        selected = time.perf_counter()
+        state.tokens_generated += sum(c.num_tokens for c in candidates)
+        state.tokens_scored += sum(len(state.response_ids) + c.num_tokens for c in candidates)
+        return BlockRecord(
+            index=index,
+            candidates=[_scored(c, r, w) for c, r, w in zip(candidates, rewards,
+                                                            selection.weights, strict=True)],
+            chosen_index=selection.chosen_index,
+            ess=selection.ess,
+            kl_from_uniform=selection.kl_from_uniform,
+            kl_estimate=_kl_estimate(params.n, chosen),
+            generation_s=generated - started,
+            scoring_s=scored - generated,
+            selection_s=selected - scored,
+        )
+
+    def _append(
+        self,
+        chosen: ScoredCandidate,
+        record: BlockRecord,
+        params: SBoNParams,
+        sampling: SamplingSettings,
+        state: _State,
+    ) -> str:
+        """Append the chosen block to the response; return the text it added."""
+        before = len(state.text)
+        state.response_ids.extend(chosen.token_ids)
+        state.text += chosen.text
+        if chosen.finish_reason == "stop":
+            state.finish_reason = "stop"
+        elif params.blockwise and sampling.stop:
+            cut = find_stop(state.text, sampling.stop, before)
+            if cut is not None:
+                state.text = state.text[:cut]
+                state.finish_reason = "stop"
+        if state.finish_reason is None:
+            total = len(state.prompt_ids) + len(state.response_ids)
+            at_limit = total >= self.backend.max_model_len
+            if not params.blockwise or len(state.response_ids) >= sampling.max_tokens or at_limit:
+                state.finish_reason = chosen.finish_reason or "length"
+                if params.blockwise:
+                    state.finish_reason = "length"
+            elif chosen.token_ids == ():
+                state.finish_reason = "stop"
+        return state.text[before:]
+
+    def _result(
+        self, params: SBoNParams, reward_name: str, blocks: list[BlockRecord], state: _State
+    ) -> SBoNResult:
+        selections = len(blocks)
+        diagnostics = Diagnostics(
+            ess=sum(b.ess for b in blocks) / selections,
+            kl_from_uniform=sum(b.kl_from_uniform for b in blocks),
+            kl_bon_bound=kl_bon_bound(params.n) * selections,
+            kl_estimate=sum(b.kl_estimate for b in blocks),
+            win_rate_bound=win_rate_bound(params.n),
+        )
+        timings = {
+            "generation": sum(b.generation_s for b in blocks),
+            "scoring": sum(b.scoring_s for b in blocks),
+            "selection": sum(b.selection_s for b in blocks),
+        }
+        return SBoNResult(
+            text=state.text,
+            token_ids=list(state.response_ids),
+            finish_reason=state.finish_reason or "length",
+            params=params,
+            reward_name=reward_name,
+            blocks=blocks,
+            diagnostics=diagnostics,
+            prompt_tokens=len(state.prompt_ids),
+            tokens_generated=state.tokens_generated,
+            tokens_scored=state.tokens_scored,
+            timings=timings,
+        )
+
+
+def _kl_estimate(n: int, chosen: Candidate) -> float:
+    """D(eps) of Beirami et al. with eps the base probability of the chosen candidate."""
+    if chosen.cumulative_logprob is None or math.isnan(chosen.cumulative_logprob):
+        return kl_bon_bound(n)
+    return kl_bon_estimate(n, math.exp(min(0.0, chosen.cumulative_logprob)))
+
+
+def _scored(candidate: Candidate, reward: float, weight: float) -> ScoredCandidate:
+    return ScoredCandidate(
+        text=candidate.text,
+        token_ids=candidate.token_ids,
+        reward=float(reward),
+        weight=weight,
+        cumulative_logprob=candidate.cumulative_logprob,
+        finish_reason=candidate.finish_reason,
+    )

@@ -1,0 +1,148 @@
+"""Typed contracts between the layers: candidates, request settings and SBoN results.
+
+The generation backend returns :class:`Candidate` objects, the soft best-of-n loop turns
+them into :class:`BlockRecord` and :class:`SBoNResult`. Both the HTTP layer and the CLI
+read these dataclasses; no dicts cross a layer boundary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from engine.selection import Normalization
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One sampled continuation as the engine produced it."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    cumulative_logprob: float | None
+    finish_reason: str | None  # "stop", "length" or None while unfinished
+    stop_reason: str | int | None = None  # the stop string or token that ended it
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """The usual sampling parameters, passed through to the engine unchanged."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class SBoNParams:
+    """The soft best-of-n policy for one request."""
+
+    n: int = 4
+    lam: float = 1.0  # 0 = hard best-of-n, math.inf = base model
+    block_size: int | None = None  # None = one selection per whole response
+    normalize: Normalization = Normalization.RAW
+    reward: str | None = None  # a configured reward's name; None = the default one
+
+    @property
+    def blockwise(self) -> bool:
+        return self.block_size is not None
+
+
+@dataclass(frozen=True)
+class ScoredCandidate:
+    """A candidate with its reward and selection weight within its block."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    reward: float
+    weight: float
+    cumulative_logprob: float | None
+    finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class BlockRecord:
+    """One selection step: the candidates of a block and which one was appended."""
+
+    index: int
+    candidates: list[ScoredCandidate]
+    chosen_index: int
+    ess: float
+    kl_from_uniform: float
+    kl_estimate: float
+    generation_s: float = 0.0
+    scoring_s: float = 0.0
+    selection_s: float = 0.0
+
+    @property
+    def chosen(self) -> ScoredCandidate:
+        return self.candidates[self.chosen_index]
+
+    @property
+    def rewards(self) -> list[float]:
+        return [c.reward for c in self.candidates]
+
+    @property
+    def weights(self) -> list[float]:
+        return [c.weight for c in self.candidates]
+
+
+@dataclass(frozen=True)
+class Diagnostics:
+    """Distortion and win-rate figures for one response (sums over blocks where additive)."""
+
+    ess: float  # of the final selection (mean over blocks in blockwise mode)
+    kl_from_uniform: float  # summed over blocks (chain rule)
+    kl_bon_bound: float  # log n - (n-1)/n, per selection, summed over blocks
+    kl_estimate: float  # D(eps) of Beirami et al., summed over blocks
+    win_rate_bound: float  # n / (n + 1)
+
+
+@dataclass
+class SBoNResult:
+    """The outcome of one soft best-of-n request."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    params: SBoNParams
+    reward_name: str
+    blocks: list[BlockRecord]
+    diagnostics: Diagnostics
+    prompt_tokens: int
+    tokens_generated: int  # across all candidates of all blocks
+    tokens_scored: int  # response tokens passed to the reward model
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def final_block(self) -> BlockRecord:
+        return self.blocks[-1]
+
+    @property
+    def chosen_index(self) -> int:
+        return self.final_block.chosen_index
+
+
+@dataclass(frozen=True)
+class BlockEvent:
+    """Streamed while a request runs: the text appended by one chosen block."""
+
+    block: BlockRecord
+    text_delta: str
+    finished: bool
+
+
+def is_off(lam: float) -> bool:
+    """True when lambda means "no selection pressure" (the base model)."""
+    return math.isinf(lam)

@@ -1,0 +1,172 @@
+"""The ``sbon`` command: serve, generate, prepare-model, bench and eval.
+
+Heavy imports (the engine, torch, vLLM) happen inside the subcommands, so ``sbon --help``
+is instant and each subcommand loads only what it uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_NAME = "config.yaml"
+
+
+def _lambda(text: str) -> float:
+    if text.strip().lower() in {"inf", "infinity", "off", "none"}:
+        return math.inf
+    value = float(text)
+    if value < 0 or math.isnan(value):
+        raise argparse.ArgumentTypeError("lambda must be >= 0 (or 'inf')")
+    return value
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="configuration file (default: ./config.yaml if present, "
+                        "or $SBON_CONFIG)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a setting, e.g. engine.dtype=bfloat16")
+
+
+def config_path(arg: str | None) -> str | None:
+    """The configuration file in force: the flag, then $SBON_CONFIG, then ./config.yaml."""
+    if arg:
+        return arg
+    if os.environ.get("SBON_CONFIG"):
+        return os.environ["SBON_CONFIG"]
+    return DEFAULT_CONFIG_NAME if Path(DEFAULT_CONFIG_NAME).is_file() else None
+
+
+def load_app_config(args: argparse.Namespace, extra: list[str] | None = None) -> Any:
+    from engine.config import load_config
+
+    return load_config(config_path(args.config), list(args.overrides) + (extra or []))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sbon", description="Soft best-of-n decoding on vLLM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    _add_config_args(serve)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+
+    gen = sub.add_parser("generate", help="answer one prompt with soft best-of-n")
+    _add_config_args(gen)
+    gen.add_argument("prompt")
+    gen.add_argument("--n", type=int, help="number of candidates")
+    gen.add_argument("--lam", type=_lambda, help="selection temperature (0 = best-of-n, inf = off)")
+    gen.add_argument("--block-size", type=int, help="tokens per block (omit: whole response)")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--reward", help="a configured reward's name")
+    gen.add_argument("--normalize", choices=["raw", "zscore"])
+    gen.add_argument("--raw-prompt", action="store_true",
+                     help="send the prompt as plain text instead of a chat message")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+
+    prep = sub.add_parser("prepare-model", help="prepare the embedded default model's folder")
+    _add_config_args(prep)
+
+    from engine.cli_measure import add_measure_commands
+
+    add_measure_commands(sub, _add_config_args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # The engine logs to stdout by default; stdout belongs to the command's own output.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "prepare-model":
+            return _prepare(args)
+        return int(args.handler(args, load_app_config))
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"sbon: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from engine.model_prep import resolve_model_path
+
+    config = load_app_config(args)
+    print(resolve_model_path(config.model))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    extra = []
+    if args.host:
+        extra.append(f"server.host={args.host}")
+    if args.port is not None:
+        extra.append(f"server.port={args.port}")
+    config = load_app_config(args, extra)
+    from server.app import run_server
+
+    run_server(config)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    # Keep stdout for the result: the engine's own logging goes quiet below warnings.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from engine.report import render_text, result_to_dict
+
+    config = load_app_config(args)
+    result = asyncio.run(_generate_async(config, args))
+    if args.json:
+        print(json.dumps(result_to_dict(result), indent=2))
+    else:
+        print(render_text(result))
+    return 0
+
+
+async def _generate_async(config: Any, args: argparse.Namespace) -> Any:
+    from engine.runtime import start_runtime
+    from engine.selection import Normalization
+    from engine.types import SamplingSettings, SBoNParams
+    from reward.base import Message
+
+    defaults = config.sbon
+    params = SBoNParams(
+        n=args.n if args.n is not None else defaults.n,
+        lam=args.lam if args.lam is not None else defaults.lam,
+        block_size=args.block_size if args.block_size is not None else defaults.block_size,
+        normalize=Normalization(args.normalize) if args.normalize else defaults.normalize,
+        reward=args.reward,
+    )
+    if params.n < 1 or (params.block_size is not None and params.block_size < 1):
+        raise ValueError("--n and --block-size must be positive")
+    sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p,
+                                max_tokens=args.max_tokens, seed=args.seed)
+    prompt: Any = args.prompt if args.raw_prompt else (Message("user", args.prompt),)
+    runtime = await start_runtime(config)
+    try:
+        runtime.sbon.scorer_for(params.reward)
+        return await runtime.sbon.run(prompt, params, sampling, f"cli-{uuid.uuid4().hex}")
+    except KeyError as exc:
+        raise ValueError(f"unknown reward {exc}; configured: {sorted(runtime.scorers)}") from exc
+    finally:
+        await runtime.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
