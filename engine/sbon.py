@@ -147,13 +147,17 @@ class SBoNEngine:
         )
         generated = time.perf_counter()
         responses = [state.text + c.text for c in candidates]
-        rewards = await scorer.score([prompt] * len(candidates), responses)
+        if params.score:
+            rewards = await scorer.score([prompt] * len(candidates), responses)
+        else:
+            rewards = [0.0] * len(candidates)
         scored = time.perf_counter()
         selection = select(rewards, params.lam, rng, params.normalize)
         chosen = candidates[selection.chosen_index]
         selected = time.perf_counter()
         state.tokens_generated += sum(c.num_tokens for c in candidates)
-        state.tokens_scored += sum(len(state.response_ids) + c.num_tokens for c in candidates)
+        if params.score:
+            state.tokens_scored += sum(len(state.response_ids) + c.num_tokens for c in candidates)
         return BlockRecord(
             index=index,
             candidates=[_scored(c, r, w) for c, r, w in zip(candidates, rewards,

@@ -49,6 +49,7 @@ class SBoNParams:
     block_size: int | None = None  # None = one selection per whole response
     normalize: Normalization = Normalization.RAW
     reward: str | None = None  # a configured reward's name; None = the default one
+    score: bool = True  # False: plain decoding (n = 1), no reward call
 
     @property
     def blockwise(self) -> bool:

