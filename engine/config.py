@@ -139,7 +139,14 @@ class AppConfig(BaseModel):
 
 
 def parse_lambda(value: Any) -> Any:
-    """Accept ``inf``, ``infinity``, ``off`` and ``none`` (strings) as lambda = infinity."""
+    """Accept ``inf``, ``infinity``, ``off`` and ``none`` (strings) as lambda = infinity.
+
+    YAML reads a bare ``off`` as the boolean false, so false also means "off".
+    """
+    if value is False:
+        return math.inf
+    if value is True:
+        raise ValueError("lambda must be a number, 'inf' or 'off'")
     if isinstance(value, str) and value.strip().lower() in {"inf", "infinity", "off", "none"}:
         return math.inf
     return value

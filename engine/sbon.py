@@ -46,9 +46,25 @@ class _State:
     prompt_ids: list[int]
     response_ids: list[int]
     text: str = ""
+    emitted: int = 0  # characters of ``text`` already streamed
     tokens_generated: int = 0
     tokens_scored: int = 0
     finish_reason: str | None = None
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that could begin a stop string.
+
+    Streaming holds those characters back until the next block shows whether the stop
+    string completes, so no text after a stop string is ever sent.
+    """
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
 
 
 def find_stop(text: str, stops: Sequence[str], start: int) -> int | None:
@@ -179,7 +195,7 @@ class SBoNEngine:
         sampling: SamplingSettings,
         state: _State,
     ) -> str:
-        """Append the chosen block to the response; return the text it added."""
+        """Append the chosen block to the response; return the text it releases."""
         before = len(state.text)
         state.response_ids.extend(chosen.token_ids)
         state.text += chosen.text
@@ -199,7 +215,12 @@ class SBoNEngine:
                     state.finish_reason = "length"
             elif chosen.token_ids == ():
                 state.finish_reason = "stop"
-        return state.text[before:]
+        end = len(state.text)
+        if state.finish_reason is None:
+            end -= held_back(state.text, sampling.stop)
+        delta = state.text[state.emitted : end]
+        state.emitted = max(state.emitted, end)
+        return delta
 
     def _result(
         self, params: SBoNParams, reward_name: str, blocks: list[BlockRecord], state: _State

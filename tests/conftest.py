@@ -1,0 +1,55 @@
+"""Shared fixtures: configuration for the embedded model and one real runtime per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+from engine.config import AppConfig  # noqa: E402
+from reward.config import RewardConfig  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the embedded model is prepared: $SBON_TEST_CACHE, reused across runs if set."""
+    configured = os.environ.get("SBON_TEST_CACHE")
+    if configured:
+        path = Path(configured).expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def engine_config(model_cache_dir: Path) -> AppConfig:
+    """The embedded model with the judge (default) and a rule-based reward."""
+    return AppConfig(
+        model={"name": "embedded", "cache_dir": str(model_cache_dir)},
+        engine={"max_model_len": 1024, "kv_cache_gib": 1},
+        rewards=[
+            RewardConfig(name="judge", type="judge"),
+            RewardConfig(name="length", type="python", function="reward.rules:response_length"),
+        ],
+    )
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def runtime(engine_config: AppConfig) -> AsyncIterator[object]:
+    """One real vLLM engine (plus rewards) for every in-process integration test."""
+    from engine.runtime import start_runtime
+
+    started = await start_runtime(engine_config)
+    try:
+        yield started
+    finally:
+        await started.close()

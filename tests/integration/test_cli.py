@@ -1,0 +1,44 @@
+"""``sbon generate`` as a user runs it: a separate process, JSON on stdout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_generate_json_blockwise(model_cache_dir: Path) -> None:
+    env = dict(os.environ, SBON_MODEL__CACHE_DIR=str(model_cache_dir), HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "server.cli", "generate", "Write a haiku about the sea.",
+               "--n", "3", "--lam", "0.5", "--block-size", "8", "--max-tokens", "16",
+               "--seed", "7", "--json", "--config", str(REPO_ROOT / "config.yaml")]
+    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert set(result) >= {"text", "chosen_index", "candidates", "blocks", "diagnostics"}
+    assert len(result["candidates"]) == 3
+    assert {"text", "reward", "weight"} <= set(result["candidates"][0])
+    assert 1 <= len(result["blocks"]) <= 2
+    for block in result["blocks"]:
+        assert len(block["candidates"]) == 3 and 0 <= block["chosen_index"] < 3
+    assert set(result["diagnostics"]) >= {"ess", "kl_from_uniform", "kl_bon_bound",
+                                          "kl_estimate", "win_rate_bound"}
+    assert result["text"] == "".join(b["candidates"][b["chosen_index"]]["text"]
+                                     for b in result["blocks"])
+
+
+def test_generate_reports_a_bad_reward_name_cleanly() -> None:
+    done = subprocess.run([sys.executable, "-m", "server.cli", "generate", "hi", "--set",
+                           "default_reward=nope"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert "default_reward" in done.stderr and "Traceback" not in done.stderr

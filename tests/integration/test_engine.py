@@ -1,0 +1,121 @@
+"""The real vLLM engine on the embedded model, in process: both modes, seeds, rewards, aborts.
+
+One engine serves the whole test session (the ``runtime`` fixture). Token counts stay
+small: the CPU generates about fifty tokens a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from engine.sbon import UnknownRewardError
+from engine.selection import kl_bon_bound
+from engine.types import SamplingSettings, SBoNParams, SBoNResult
+from reward.base import Message
+
+pytestmark = pytest.mark.integration
+
+PROMPT = (Message("user", "Write a haiku about the sea."),)
+
+
+def check_result(result: SBoNResult, n: int) -> None:
+    for block in result.blocks:
+        assert len(block.candidates) == n
+        assert sum(block.weights) == pytest.approx(1.0)
+        assert all(math.isfinite(r) for r in block.rewards)
+        assert 0 <= block.chosen_index < n
+        assert 0.0 <= block.kl_from_uniform <= math.log(n) + 1e-9
+        assert 0.0 <= block.kl_estimate <= kl_bon_bound(n) + 1e-9
+        assert all(c.cumulative_logprob is not None and c.cumulative_logprob <= 0
+                   for c in block.candidates)
+    assert result.finish_reason in {"stop", "length"}
+    assert result.tokens_generated >= result.completion_tokens > 0
+    assert result.timings["generation"] > 0 and result.timings["scoring"] > 0
+
+
+async def test_per_response_sbon_with_the_judge(runtime) -> None:
+    result = await runtime.sbon.run(PROMPT, SBoNParams(n=4, lam=0.5),
+                                    SamplingSettings(max_tokens=16, seed=1), "it-resp")
+    check_result(result, 4)
+    assert len(result.blocks) == 1 and result.reward_name == "judge"
+    assert result.text == result.blocks[0].chosen.text
+
+
+async def test_blockwise_sbon_continues_block_by_block(runtime) -> None:
+    result = await runtime.sbon.run(PROMPT, SBoNParams(n=3, lam=1.0, block_size=8),
+                                    SamplingSettings(max_tokens=24, seed=2), "it-block")
+    check_result(result, 3)
+    assert 1 <= len(result.blocks) <= 3
+    chosen_ids = [t for b in result.blocks for t in b.chosen.token_ids]
+    assert result.token_ids == chosen_ids
+    if result.finish_reason == "length":
+        assert len(result.token_ids) == 24
+    decoded = runtime.backend.decode(result.token_ids)
+    assert decoded.strip() == result.text.strip()
+
+
+async def test_a_seeded_request_is_reproducible(runtime) -> None:
+    params = SBoNParams(n=3, lam=0.5, block_size=8)
+    sampling = SamplingSettings(max_tokens=16, seed=42)
+    first = await runtime.sbon.run(PROMPT, params, sampling, "it-seed-1")
+    second = await runtime.sbon.run(PROMPT, params, sampling, "it-seed-2")
+    assert first.text == second.text
+    assert [b.chosen_index for b in first.blocks] == [b.chosen_index for b in second.blocks]
+    other = await runtime.sbon.run(PROMPT, params, SamplingSettings(max_tokens=16, seed=43),
+                                   "it-seed-3")
+    assert [c.text for c in other.blocks[0].candidates] != [
+        c.text for c in first.blocks[0].candidates]
+
+
+async def test_hard_best_of_n_with_a_rule_reward_takes_the_best(runtime) -> None:
+    result = await runtime.sbon.run(PROMPT, SBoNParams(n=4, lam=0.0, reward="length"),
+                                    SamplingSettings(max_tokens=12, seed=5), "it-hard")
+    block = result.blocks[0]
+    assert block.rewards[block.chosen_index] == max(block.rewards)
+    assert block.rewards == [float(len(c.text)) for c in block.candidates]
+
+
+async def test_stop_strings_end_a_blockwise_response(runtime) -> None:
+    result = await runtime.sbon.run(PROMPT, SBoNParams(n=2, lam=1.0, block_size=8),
+                                    SamplingSettings(max_tokens=48, seed=3, stop=("\n", ".")),
+                                    "it-stop")
+    assert "\n" not in result.text and "." not in result.text
+
+
+async def test_judge_log_probabilities_are_real(runtime) -> None:
+    yes, no = await runtime.backend.label_logprobs(PROMPT, ["Yes", "No"])
+    assert yes <= 0.0 and no <= 0.0 and math.isfinite(yes) and math.isfinite(no)
+    scores = await runtime.scorers["judge"].score(["Say hi."] * 2, ["Hi!", "zzzz qqqq"])
+    assert all(math.isfinite(s) for s in scores)
+
+
+async def test_unknown_reward_name(runtime) -> None:
+    with pytest.raises(UnknownRewardError):
+        await runtime.sbon.run(PROMPT, SBoNParams(reward="absent"),
+                               SamplingSettings(max_tokens=4), "it-unknown")
+
+
+async def test_requests_run_concurrently_and_cancelled_ones_leave_the_engine(runtime) -> None:
+    backend = runtime.backend
+    params = SBoNParams(n=1, lam=math.inf, score=False)
+    tasks = [asyncio.create_task(runtime.sbon.run(PROMPT, params,
+                                                  SamplingSettings(max_tokens=200), f"it-c{i}"))
+             for i in range(2)]
+    seen = 0
+    for _ in range(300):
+        await asyncio.sleep(0.02)
+        seen = max(seen, backend.num_unfinished_requests())
+        if seen >= 2:
+            break
+    assert seen >= 2, "two requests never ran in the engine at the same time"
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for _ in range(100):
+        if backend.num_unfinished_requests() == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert backend.num_unfinished_requests() == 0

@@ -1,0 +1,124 @@
+"""The Hugging Face reward backend on a tiny randomly initialised classifier built from a config.
+
+This runs the real loading code (``from_pretrained`` of a folder with a chat template),
+batching and label selection; only the weights are random.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from reward.config import RewardConfig
+from reward.hf import HFRewardScorer
+
+pytestmark = pytest.mark.unit
+
+WORDS = "the sea is blue and calm waves crash on rocks a haiku about write please".split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+)
+
+
+def build_tiny_reward_model(folder: Path, num_labels: int = 1) -> Path:
+    """Write a 2-layer Llama sequence classifier and a word-level tokenizer to ``folder``."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+    vocab = {token: i for i, token in enumerate(specials + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>",
+                                        unk_token="<unk>", bos_token="<s>", eos_token="<|end|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, num_labels=num_labels,
+                         pad_token_id=vocab["<pad>"])
+    if num_labels > 1:
+        config.id2label = {i: f"aspect{i}" for i in range(num_labels)}
+        config.label2id = {f"aspect{i}": i for i in range(num_labels)}
+    model = LlamaForSequenceClassification(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_reward_model(tmp_path_factory.mktemp("tiny-rm"))
+
+
+@pytest.fixture(scope="module")
+def tiny_multilabel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_reward_model(tmp_path_factory.mktemp("tiny-rm3"), num_labels=3)
+
+
+async def started(model: Path, **extra: object) -> HFRewardScorer:
+    scorer = HFRewardScorer(RewardConfig(name="rm", type="hf", model=str(model), **extra))
+    await scorer.start()
+    return scorer
+
+
+PROMPTS = ["write a haiku about the sea"] * 4
+RESPONSES = ["the sea is blue", "waves crash on rocks and the sea is calm", "blue", "a haiku"]
+
+
+async def test_scores_do_not_depend_on_batching(tiny_model: Path) -> None:
+    scorer = await started(tiny_model, max_batch_tokens=64)
+    try:
+        together = await scorer.score(PROMPTS, RESPONSES)
+        alone = [(await scorer.score([p], [r]))[0] for p, r in zip(PROMPTS, RESPONSES,
+                                                                    strict=True)]
+        assert together == pytest.approx(alone, abs=1e-5)
+        assert len(set(round(v, 6) for v in together)) > 1  # the model does tell them apart
+    finally:
+        await scorer.close()
+
+
+async def test_concurrent_requests_share_batches_and_get_their_own_results(
+    tiny_model: Path,
+) -> None:
+    scorer = await started(tiny_model, batch_wait_ms=20)
+    try:
+        expected = await scorer.score(PROMPTS, RESPONSES)
+        first, second = await asyncio.gather(scorer.score(PROMPTS[:2], RESPONSES[:2]),
+                                             scorer.score(PROMPTS[2:], RESPONSES[2:]))
+        assert first + second == pytest.approx(expected, abs=1e-5)
+    finally:
+        await scorer.close()
+
+
+async def test_chat_template_formats_the_conversation(tiny_model: Path) -> None:
+    scorer = await started(tiny_model)
+    try:
+        text = scorer.format("write a haiku", "the sea")
+        assert text.startswith("<|user|> write a haiku <|end|>")
+        assert "<|assistant|> the sea" in text
+    finally:
+        await scorer.close()
+
+
+async def test_label_choice_on_a_multi_label_head(tiny_multilabel: Path) -> None:
+    with pytest.raises(Exception, match="labels"):
+        await started(tiny_multilabel)
+    by_name = await started(tiny_multilabel, label="aspect2")
+    by_index = await started(tiny_multilabel, label=2)
+    try:
+        assert await by_name.score(PROMPTS, RESPONSES) == pytest.approx(
+            await by_index.score(PROMPTS, RESPONSES))
+    finally:
+        await by_name.close()
+        await by_index.close()
+
+
+async def test_missing_model_is_a_reward_error(tmp_path: Path) -> None:
+    from reward.base import RewardError
+
+    with pytest.raises(RewardError):
+        await started(tmp_path / "absent")

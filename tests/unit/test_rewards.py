@@ -1,0 +1,96 @@
+"""Reward backends without the engine: python callables, batching, the judge's arithmetic."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from reward.base import Message, Prompt, RewardError, conversation, prompt_as_text
+from reward.config import RewardConfig
+from reward.hf import token_budget_batches
+from reward.judge import JudgeScorer
+from reward.python_fn import PythonScorer, load_callable
+from reward.registry import build_scorer
+
+pytestmark = pytest.mark.unit
+
+
+def python_reward(function: str) -> PythonScorer:
+    return PythonScorer(RewardConfig(name="r", type="python", function=function))
+
+
+async def test_python_reward_calls_the_function_per_pair() -> None:
+    scorer = python_reward("reward.rules:response_length")
+    assert await scorer.score(["p", "p"], ["ab", "abcd"]) == [2.0, 4.0]
+    overlap = python_reward("reward.rules:keyword_overlap")
+    values = await overlap.score(["Describe the ocean waves"], ["ocean waves crash"])
+    assert values == [pytest.approx(2 / 3)]
+
+
+async def _async_reward(prompt: str, response: str) -> float:
+    return 1.5
+
+
+def _failing_reward(prompt: str, response: str) -> float:
+    raise RuntimeError("boom")
+
+
+async def test_python_reward_awaits_async_functions_and_wraps_failures() -> None:
+    assert await python_reward(f"{__name__}:_async_reward").score(["p"], ["r"]) == [1.5]
+    with pytest.raises(RewardError):
+        await python_reward(f"{__name__}:_failing_reward").score(["p"], ["r"])
+    with pytest.raises(ValueError):
+        await python_reward("reward.rules:response_length").score(["p"], ["a", "b"])
+
+
+def test_load_callable_reports_bad_specs() -> None:
+    for spec in ("reward.rules:absent", "no_such_module_xyz:f", "reward.rules"):
+        with pytest.raises(ValueError):
+            load_callable(spec)
+
+
+def test_prompt_rendering() -> None:
+    chat = (Message("system", "be brief"), Message("user", "hi"))
+    assert prompt_as_text("hi") == "hi"
+    assert prompt_as_text(chat) == "system: be brief\nuser: hi"
+    assert conversation(chat, "hello")[-1] == {"role": "assistant", "content": "hello"}
+    assert conversation("hi", "yo")[0] == {"role": "user", "content": "hi"}
+
+
+def test_token_budget_batches_respect_the_budget_and_cover_everything() -> None:
+    lengths = [5, 50, 7, 200, 9, 30, 31, 6]
+    batches = token_budget_batches(lengths, 100)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        longest = max(lengths[i] for i in batch)
+        assert longest * len(batch) <= 100 or len(batch) == 1
+
+
+class FakeLabels:
+    def __init__(self) -> None:
+        self.asked: list[tuple[Prompt, Sequence[str]]] = []
+
+    async def label_logprobs(self, prompt: Prompt, labels: Sequence[str]) -> list[float]:
+        self.asked.append((prompt, labels))
+        text = prompt_as_text(prompt)
+        return [-0.5, -2.0] if "good" in text else [-3.0, -0.1]
+
+
+async def test_judge_reward_is_the_yes_no_margin() -> None:
+    source = FakeLabels()
+    judge = build_scorer(RewardConfig(name="j", type="judge"), source)
+    assert isinstance(judge, JudgeScorer)
+    values = await judge.score(["q", "q"], ["a good answer", "bad"])
+    assert values == [pytest.approx(1.5), pytest.approx(-2.9)]
+    asked_prompt, labels = source.asked[0]
+    assert labels == ("Yes", "No")
+    assert "a good answer" in prompt_as_text(asked_prompt) and "q" in prompt_as_text(asked_prompt)
+
+
+def test_judge_template_must_have_both_slots() -> None:
+    with pytest.raises(ValueError):
+        JudgeScorer(RewardConfig(name="j", type="judge", judge_template="{prompt} only"),
+                    FakeLabels())
+    with pytest.raises(ValueError):
+        build_scorer(RewardConfig(name="j", type="judge"), None)
