@@ -7,6 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 
-def add_measure_commands(sub: Any, add_config_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_measure_commands(
+    sub: Any, add_config_args: Callable[[argparse.ArgumentParser], None]
+) -> None:
     """Measurement commands are added here once they exist."""
     return None

@@ -175,7 +175,7 @@ def env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any]]:
     """``SBON_A__B=v`` becomes ([a, b], v)."""
     found = []
     for key, raw in environ.items():
-        if key.startswith(ENV_PREFIX) and "__" in key[len(ENV_PREFIX) :] or (
+        if (key.startswith(ENV_PREFIX) and "__" in key[len(ENV_PREFIX) :]) or (
             key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() == "default_reward"
         ):
             path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]

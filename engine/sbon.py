@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from engine.backend import GenerationBackend
+from engine.seeds import block_seed
 from engine.selection import (
     kl_bon_bound,
     kl_bon_estimate,
@@ -31,7 +32,6 @@ from engine.types import (
     SBoNResult,
     ScoredCandidate,
 )
-from engine.seeds import block_seed
 from reward.base import Prompt, RewardScorer
 
 
@@ -131,12 +131,13 @@ class SBoNEngine:
         rng = random.Random(sampling.seed) if sampling.seed is not None else random.Random()
         blocks: list[BlockRecord] = []
         while state.finish_reason is None:
-            record = await self._step(prompt, params, sampling, request_id, scorer, state, rng,
-                                      len(blocks))
+            record = await self._step(
+                prompt, params, sampling, request_id, scorer, state, rng, len(blocks)
+            )
             blocks.append(record)
-            delta = self._append(record.candidates[record.chosen_index], record, params,
-                                 sampling, state)
-            yield BlockEvent(block=record, text_delta=delta, finished=state.finish_reason is not None)
+            delta = self._append(record.chosen, params, sampling, state)
+            finished = state.finish_reason is not None
+            yield BlockEvent(block=record, text_delta=delta, finished=finished)
         yield self._result(params, reward_name, blocks, state)
 
     async def _step(
@@ -190,7 +191,6 @@ class SBoNEngine:
     def _append(
         self,
         chosen: ScoredCandidate,
-        record: BlockRecord,
         params: SBoNParams,
         sampling: SamplingSettings,
         state: _State,

@@ -12,10 +12,10 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class Normalization(str, Enum):
+class Normalization(StrEnum):
     """How raw rewards are transformed before the softmax (lambda is in these units)."""
 
     RAW = "raw"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Union, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class Message:
     content: str
 
 
-Prompt = Union[str, tuple[Message, ...]]
+Prompt = str | tuple[Message, ...]
 
 
 class RewardError(RuntimeError):
@@ -59,7 +59,7 @@ def conversation(prompt: Prompt, response: str) -> list[dict[str, str]]:
         messages = [{"role": "user", "content": prompt}]
     else:
         messages = [{"role": m.role, "content": m.content} for m in prompt]
-    return messages + [{"role": "assistant", "content": response}]
+    return [*messages, {"role": "assistant", "content": response}]
 
 
 def check_lengths(prompts: Sequence[Prompt], responses: Sequence[str]) -> None:

@@ -41,5 +41,7 @@ class RewardConfig(BaseModel):
         if self.type == "hf" and not self.model:
             raise ValueError(f"reward '{self.name}': type 'hf' needs 'model'")
         if self.type == "python" and (not self.function or ":" not in self.function):
-            raise ValueError(f"reward '{self.name}': type 'python' needs 'function: module:callable'")
+            raise ValueError(
+                f"reward '{self.name}': type 'python' needs 'function: module:callable'"
+            )
         return self

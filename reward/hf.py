@@ -10,6 +10,7 @@ on one worker thread so the event loop never blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -58,7 +59,9 @@ class HFRewardScorer:
         self._model: Any = None
         self._tokenizer: Any = None
         self._label_index = 0
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"reward-{config.name}")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"reward-{config.name}"
+        )
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task[None] | None = None
 
@@ -71,10 +74,8 @@ class HFRewardScorer:
     async def close(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-            except asyncio.CancelledError:
-                pass
             self._worker = None
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -84,10 +85,13 @@ class HFRewardScorer:
 
         cfg = self._config
         dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        source = str(cfg.model)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, trust_remote_code=cfg.trust_remote_code
+            )
             model = AutoModelForSequenceClassification.from_pretrained(
-                cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+                source, dtype=dtype, trust_remote_code=cfg.trust_remote_code
             )
         except (OSError, ValueError) as exc:
             raise RewardError(f"reward '{self.name}': cannot load '{cfg.model}': {exc}") from exc
@@ -126,7 +130,8 @@ class HFRewardScorer:
         """The text the reward model reads for one pair."""
         tokenizer = self._tokenizer
         if self._config.use_chat_template and getattr(tokenizer, "chat_template", None):
-            return str(tokenizer.apply_chat_template(conversation(prompt, response), tokenize=False))
+            messages = conversation(prompt, response)
+            return str(tokenizer.apply_chat_template(messages, tokenize=False))
         sep = tokenizer.sep_token or "\n"
         return f"{prompt_as_text(prompt)}{sep}{response}"
 
@@ -175,14 +180,18 @@ class HFRewardScorer:
         import torch
 
         tokenizer, model = self._tokenizer, self._model
+        # A chat template already writes the special tokens the model was trained with.
+        templated = self._config.use_chat_template and bool(
+            getattr(tokenizer, "chat_template", None)
+        )
         encoded = [
-            tokenizer(t, add_special_tokens=not self._config.use_chat_template or
-                      not getattr(tokenizer, "chat_template", None),
-                      truncation=True, max_length=self._config.max_length)["input_ids"]
+            tokenizer(t, add_special_tokens=not templated, truncation=True,
+                      max_length=self._config.max_length)["input_ids"]
             for t in texts
         ]
         results = [0.0] * len(texts)
-        for batch in token_budget_batches([len(e) for e in encoded], self._config.max_batch_tokens):
+        budget = self._config.max_batch_tokens
+        for batch in token_budget_batches([len(e) for e in encoded], budget):
             padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
             padded = {k: v.to(self._config.device) for k, v in padded.items()}
             with torch.inference_mode():

@@ -32,7 +32,7 @@ def load_callable(spec: str) -> Callable[..., Any]:
             raise ValueError(f"'{spec}': '{attribute}' not found in '{module_name}'")
     if not callable(target):
         raise ValueError(f"'{spec}' is not callable")
-    return target  # type: ignore[no-any-return]
+    return target
 
 
 class PythonScorer:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from tests_paths import REPO_ROOT
 
 from engine.config import AppConfig, load_config, non_default_values
-from tests_paths import REPO_ROOT
 
 pytestmark = pytest.mark.unit
 

@@ -16,7 +16,10 @@ from reward.hf import HFRewardScorer
 
 pytestmark = pytest.mark.unit
 
-WORDS = "the sea is blue and calm waves crash on rocks a haiku about write please".split()
+WORDS = [
+    "the", "sea", "is", "blue", "and", "calm", "waves", "crash", "on", "rocks", "a", "haiku",
+    "about", "write", "please",
+]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
 )
