@@ -28,6 +28,7 @@ class RewardConfig(BaseModel):
     max_length: int = Field(default=2048, ge=16)
     batch_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
     use_chat_template: bool = True
+    share_prompt_kv: bool = True  # compute a prompt's KV once for its n responses (causal models)
     trust_remote_code: bool = False
     # judge
     judge_template: str | None = None

@@ -24,9 +24,17 @@ from reward.config import RewardConfig
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class _Item:
+    """One pair as text: the prompt part alone, and prompt plus response."""
+
+    prefix: str
+    full: str
+
+
 @dataclass
 class _Pending:
-    texts: list[str]
+    items: list[_Item]
     future: asyncio.Future[list[float]]
 
 
@@ -59,6 +67,7 @@ class HFRewardScorer:
         self._model: Any = None
         self._tokenizer: Any = None
         self._label_index = 0
+        self._share_kv = False
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"reward-{config.name}"
         )
@@ -104,7 +113,32 @@ class HFRewardScorer:
         model.to(cfg.device)
         model.eval()
         self._model, self._tokenizer = model, tokenizer
+        self._share_kv = cfg.share_prompt_kv and self._kv_sharing_matches()
         logger.info("reward model loaded", extra={"reward": self.name, "device": cfg.device})
+
+    def _kv_sharing_matches(self) -> bool:
+        """Whether scoring on a shared prompt KV gives the full computation's values.
+
+        Causal models with a KV cache do (the prompt's KV is computed once for all n
+        responses); bidirectional encoders do not, and fall back to full recomputation.
+        """
+        probe = "Say something kind."
+        items = [_Item(self.format_prefix(probe), self.format(probe, r))
+                 for r in ("Hello there, friend.", "You are doing well today.")]
+        full = [self._encode(item.full) for item in items]
+        try:
+            shared = self._score_group(self._encode(items[0].prefix), [0, 1], full)
+        except Exception:  # a model without a usable cache: no sharing
+            logger.info("prompt KV sharing unavailable", extra={"reward": self.name})
+            return False
+        reference = self._score_full(full)
+        return len(shared) == 2 and all(
+            abs(shared[i] - reference[i]) <= 1e-3 * max(1.0, abs(reference[i])) for i in (0, 1)
+        )
+
+    @property
+    def shares_prompt_kv(self) -> bool:
+        return self._share_kv
 
     def _resolve_label(self, model_config: Any) -> int:
         label = self._config.label
@@ -126,14 +160,28 @@ class HFRewardScorer:
             raise RewardError(f"reward '{self.name}': label index {index} out of range")
         return index
 
+    @property
+    def _templated(self) -> bool:
+        return self._config.use_chat_template and bool(
+            getattr(self._tokenizer, "chat_template", None)
+        )
+
     def format(self, prompt: Prompt, response: str) -> str:
         """The text the reward model reads for one pair."""
-        tokenizer = self._tokenizer
-        if self._config.use_chat_template and getattr(tokenizer, "chat_template", None):
+        if self._templated:
             messages = conversation(prompt, response)
-            return str(tokenizer.apply_chat_template(messages, tokenize=False))
-        sep = tokenizer.sep_token or "\n"
+            return str(self._tokenizer.apply_chat_template(messages, tokenize=False))
+        sep = self._tokenizer.sep_token or "\n"
         return f"{prompt_as_text(prompt)}{sep}{response}"
+
+    def format_prefix(self, prompt: Prompt) -> str:
+        """The prompt part of :meth:`format`, whose KV can be shared by all responses."""
+        if self._templated:
+            messages = conversation(prompt, "")[:-1]
+            return str(self._tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True))
+        sep = self._tokenizer.sep_token or "\n"
+        return f"{prompt_as_text(prompt)}{sep}"
 
     async def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         check_lengths(prompts, responses)
@@ -141,9 +189,10 @@ class HFRewardScorer:
             raise RewardError(f"reward '{self.name}' is not loaded")
         if not prompts:
             return []
-        texts = [self.format(p, r) for p, r in zip(prompts, responses, strict=True)]
+        items = [_Item(self.format_prefix(p), self.format(p, r))
+                 for p, r in zip(prompts, responses, strict=True)]
         future: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(texts, future))
+        self._queue.put_nowait(_Pending(items, future))
         return await future
 
     async def _serve(self) -> None:
@@ -159,9 +208,9 @@ class HFRewardScorer:
             pending = [p for p in pending if not p.future.cancelled()]
             if not pending:
                 continue
-            texts = [t for p in pending for t in p.texts]
+            items = [t for p in pending for t in p.items]
             try:
-                values = await loop.run_in_executor(self._executor, self._score_texts, texts)
+                values = await loop.run_in_executor(self._executor, self._score_items, items)
             except Exception as exc:  # delivered to every waiting request
                 error = exc if isinstance(exc, RewardError) else RewardError(
                     f"reward '{self.name}' failed: {type(exc).__name__}")
@@ -173,32 +222,86 @@ class HFRewardScorer:
             offset = 0
             for p in pending:
                 if not p.future.done():
-                    p.future.set_result(values[offset : offset + len(p.texts)])
-                offset += len(p.texts)
+                    p.future.set_result(values[offset : offset + len(p.items)])
+                offset += len(p.items)
 
-    def _score_texts(self, texts: list[str]) -> list[float]:
+    def _encode(self, text: str) -> list[int]:
+        # A chat template already writes the special tokens the model was trained with.
+        ids = self._tokenizer(text, add_special_tokens=not self._templated)["input_ids"]
+        return list(ids[: self._config.max_length])
+
+    def _score_items(self, items: list[_Item]) -> list[float]:
+        """Score pairs; responses to the same prompt share the prompt's KV when possible."""
+        full = [self._encode(item.full) for item in items]
+        results: dict[int, float] = {}
+        if self._share_kv:
+            groups: dict[str, list[int]] = {}
+            for index, item in enumerate(items):
+                groups.setdefault(item.prefix, []).append(index)
+            for prefix, members in groups.items():
+                if len(members) > 1:
+                    results.update(self._score_group(self._encode(prefix), members, full))
+        rest = [i for i in range(len(items)) if i not in results]
+        for index, value in zip(rest, self._score_full([full[i] for i in rest]), strict=True):
+            results[index] = value
+        return [results[i] for i in range(len(items))]
+
+    def _score_group(self, prefix: list[int], members: list[int],
+                     full: list[list[int]]) -> dict[int, float]:
+        """Score the members whose tokens extend ``prefix`` on top of its KV cache."""
+        usable = [i for i in members
+                  if len(full[i]) > len(prefix) and full[i][: len(prefix)] == prefix]
+        if len(usable) < 2:
+            return {}
+        suffixes = [full[i][len(prefix):] for i in usable]
+        values = self._score_on_prefix(prefix, suffixes)
+        return dict(zip(usable, values, strict=True))
+
+    def _score_on_prefix(self, prefix: list[int], suffixes: list[list[int]]) -> list[float]:
+        import copy
+
         import torch
 
-        tokenizer, model = self._tokenizer, self._model
-        # A chat template already writes the special tokens the model was trained with.
-        templated = self._config.use_chat_template and bool(
-            getattr(tokenizer, "chat_template", None)
-        )
-        encoded = [
-            tokenizer(t, add_special_tokens=not templated, truncation=True,
-                      max_length=self._config.max_length)["input_ids"]
-            for t in texts
-        ]
-        results = [0.0] * len(texts)
+        device, pad = self._config.device, self._tokenizer.pad_token_id
+        with torch.inference_mode():
+            prompt_out = self._model(input_ids=torch.tensor([prefix], device=device),
+                                     use_cache=True)
+        results = [0.0] * len(suffixes)
+        budget = self._config.max_batch_tokens
+        lengths = [len(prefix) + len(s) for s in suffixes]
+        for batch in token_budget_batches(lengths, budget):
+            longest = max(len(suffixes[i]) for i in batch)
+            ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), len(prefix) + longest), dtype=torch.long)
+            mask[:, : len(prefix)] = 1
+            for row, i in enumerate(batch):
+                ids[row, : len(suffixes[i])] = torch.tensor(suffixes[i])
+                mask[row, len(prefix) : len(prefix) + len(suffixes[i])] = 1
+            cache = copy.deepcopy(prompt_out.past_key_values)
+            cache.batch_repeat_interleave(len(batch))
+            with torch.inference_mode():
+                logits = self._model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     past_key_values=cache, use_cache=True).logits
+            self._collect(logits, batch, results)
+        return results
+
+    def _score_full(self, encoded: list[list[int]]) -> list[float]:
+        import torch
+
+        results = [0.0] * len(encoded)
         budget = self._config.max_batch_tokens
         for batch in token_budget_batches([len(e) for e in encoded], budget):
-            padded = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
+            padded = self._tokenizer.pad({"input_ids": [encoded[i] for i in batch]},
+                                         return_tensors="pt")
             padded = {k: v.to(self._config.device) for k, v in padded.items()}
             with torch.inference_mode():
-                logits = model(**padded).logits
-            column = logits[:, self._label_index].float().cpu().tolist()
-            for i, value in zip(batch, column, strict=True):
-                if math.isnan(value):
-                    raise RewardError(f"reward '{self.name}' produced NaN")
-                results[i] = float(value)
+                logits = self._model(**padded).logits
+            self._collect(logits, batch, results)
         return results
+
+    def _collect(self, logits: Any, batch: list[int], results: list[float]) -> None:
+        column = logits[:, self._label_index].float().cpu().tolist()
+        for i, value in zip(batch, column, strict=True):
+            if math.isnan(value):
+                raise RewardError(f"reward '{self.name}' produced NaN")
+            results[i] = float(value)

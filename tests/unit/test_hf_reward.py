@@ -125,3 +125,17 @@ async def test_missing_model_is_a_reward_error(tmp_path: Path) -> None:
 
     with pytest.raises(RewardError):
         await started(tmp_path / "absent")
+
+
+async def test_shared_prompt_kv_gives_the_full_computation_values(tiny_model: Path) -> None:
+    shared = await started(tiny_model, max_batch_tokens=64)
+    full = await started(tiny_model, max_batch_tokens=64, share_prompt_kv=False)
+    try:
+        assert shared.shares_prompt_kv and not full.shares_prompt_kv
+        prompts = PROMPTS + ["please write about the rocks"] * 2
+        responses = [*RESPONSES, "the rocks", "calm rocks and blue waves crash"]
+        assert await shared.score(prompts, responses) == pytest.approx(
+            await full.score(prompts, responses), abs=1e-4)
+    finally:
+        await shared.close()
+        await full.close()

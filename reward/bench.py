@@ -1,0 +1,93 @@
+"""Benchmark of reward scoring: full recomputation against a shared prompt KV cache.
+
+``python -m reward.bench --model FOLDER_OR_ID`` scores n responses to one prompt both ways
+on the same inputs and prints seconds per call and the speed-up. Without ``--model`` it
+builds a randomly initialised classifier shaped like the policy in ``--shape-from``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from reward.config import RewardConfig
+from reward.hf import HFRewardScorer
+
+
+def build_classifier(shape_from: str, out: Path) -> Path:
+    """A sequence classifier with the architecture and tokenizer of ``shape_from``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(shape_from)
+    config.num_labels = 1
+    tokenizer = AutoTokenizer.from_pretrained(shape_from)
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def make_inputs(prompt_words: int, response_words: int, n: int) -> tuple[list[str], list[str]]:
+    prompt = " ".join(f"word{i % 97}" for i in range(prompt_words))
+    responses = [" ".join(f"answer{(i * 7 + k) % 89}" for i in range(response_words))
+                 for k in range(n)]
+    return [prompt] * n, responses
+
+
+async def time_scorer(model: str, share: bool, prompts: list[str], responses: list[str],
+                      repeats: int, device: str) -> tuple[float, list[float]]:
+    scorer = HFRewardScorer(RewardConfig(name="bench", type="hf", model=model, device=device,
+                                         share_prompt_kv=share, max_batch_tokens=65536))
+    await scorer.start()
+    try:
+        values = await scorer.score(prompts, responses)  # warm-up
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            await scorer.score(prompts, responses)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times), values
+    finally:
+        await scorer.close()
+
+
+async def run(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or str(build_classifier(args.shape_from, Path(tmp)))
+        prompts, responses = make_inputs(args.prompt_words, args.response_words, args.n)
+        full_s, full_values = await time_scorer(model, False, prompts, responses, args.repeats,
+                                                args.device)
+        shared_s, shared_values = await time_scorer(model, True, prompts, responses,
+                                                    args.repeats, args.device)
+    drift = max(abs(a - b) for a, b in zip(full_values, shared_values, strict=True))
+    print(f"n={args.n} prompt~{args.prompt_words} words response~{args.response_words} words")
+    print(f"{'method':<22}{'s/call':>10}")
+    print(f"{'full recomputation':<22}{full_s:>10.3f}")
+    print(f"{'shared prompt KV':<22}{shared_s:>10.3f}")
+    print(f"speed-up {full_s / shared_s:.2f}x   max |reward difference| {drift:.2e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", help="a reward model (folder or hub id)")
+    parser.add_argument("--shape-from", help="a causal LM folder whose shape to copy")
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--prompt-words", type=int, default=256)
+    parser.add_argument("--response-words", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if not args.model and not args.shape_from:
+        parser.error("give --model or --shape-from")
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
