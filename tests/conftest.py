@@ -13,8 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
-from engine.config import AppConfig  # noqa: E402
-from reward.config import RewardConfig  # noqa: E402
+from engine.config import AppConfig
+from reward.config import RewardConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

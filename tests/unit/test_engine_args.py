@@ -1,0 +1,39 @@
+"""Configuration reaches vLLM's own engine arguments unchanged (parallelism included)."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.config import load_config
+from engine.vllm_backend import build_engine_args, engine_args_kwargs
+
+pytestmark = pytest.mark.unit
+
+
+def test_parallelism_and_executor_backend_reach_the_engine_arguments(tmp_path) -> None:
+    config = load_config(None, [
+        "engine.tensor_parallel_size=4", "engine.pipeline_parallel_size=2",
+        "engine.distributed_executor_backend=ray", "engine.dtype=bfloat16",
+        "engine.memory_fraction=0.55", "engine.max_model_len=8192", "engine.enforce_eager=false",
+        "model.served_name=policy",
+    ], environ={})
+    args = build_engine_args(config, str(tmp_path))
+    assert type(args).__name__ == "AsyncEngineArgs"
+    assert args.tensor_parallel_size == 4
+    assert args.pipeline_parallel_size == 2
+    assert args.distributed_executor_backend == "ray"
+    assert args.dtype == "bfloat16"
+    assert args.gpu_memory_utilization == 0.55
+    assert args.max_model_len == 8192
+    assert args.enforce_eager is False
+    assert args.model == str(tmp_path)
+    assert args.enable_prefix_caching is True
+    # The KL estimator needs the sampler's own log-probabilities.
+    assert args.logprobs_mode == "processed_logprobs"
+
+
+def test_extra_engine_arguments_pass_through() -> None:
+    config = load_config(None, ["engine.extra_args={max_num_seqs: 7, swap_space: 1}"], environ={})
+    kwargs = engine_args_kwargs(config, "m")
+    assert kwargs["max_num_seqs"] == 7 and kwargs["swap_space"] == 1
+    assert "distributed_executor_backend" not in kwargs  # vLLM chooses when not configured
