@@ -24,7 +24,6 @@ from reward.base import Prompt
 logger = logging.getLogger(__name__)
 
 
-
 def engine_args_kwargs(config: AppConfig, model_path: str) -> dict[str, Any]:
     """Map the configuration to vLLM ``AsyncEngineArgs`` keyword arguments.
 
@@ -160,6 +159,8 @@ class VLLMBackend:
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k if sampling.top_k > 0 else 0,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
             max_tokens=max_tokens,
             stop=list(sampling.stop) or None,
             seed=seed,

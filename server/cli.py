@@ -121,8 +121,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = load_app_config(args, extra)
     from server.app import run_server
 
-    run_server(config)
-    return 0
+    return run_server(config)
 
 
 def _generate(args: argparse.Namespace) -> int:

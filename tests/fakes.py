@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,11 +28,21 @@ class FakeBackend:
     max_model_len: int = 4096
     script: Callable[[Call, int], Candidate] | None = None
     calls: list[Call] = field(default_factory=list)
+    delay_s: float = 0.0  # simulated generation time per call
+    running: set[str] = field(default_factory=set)  # request ids inside generate() now
+    sampling_seen: list[SamplingSettings] = field(default_factory=list)
 
     async def generate(self, prompt_token_ids: Sequence[int], n: int, sampling: SamplingSettings,
                        max_tokens: int, request_id: str, seed: int | None) -> list[Candidate]:
         call = Call(list(prompt_token_ids), n, max_tokens, request_id, seed)
         self.calls.append(call)
+        self.sampling_seen.append(sampling)
+        self.running.add(request_id)
+        try:
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+        finally:
+            self.running.discard(request_id)
         return [self._candidate(call, i) for i in range(n)]
 
     def _candidate(self, call: Call, i: int) -> Candidate:
@@ -45,10 +56,11 @@ class FakeBackend:
         return None
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        return [1, 2, 3]
+        # Three tokens, plus one per word beyond the first three (so length limits can bite).
+        return [1, 2, 3] + [4] * max(0, len(prompt_as_text(prompt).split()) - 3)
 
     def num_unfinished_requests(self) -> int:
-        return 0
+        return len(self.running)
 
 
 @dataclass

@@ -1,0 +1,141 @@
+"""One error shape for every failure: OpenAI's ``{"error": {message, type, param, code}}``.
+
+Typed exceptions are mapped to status codes here and nowhere else: 400 invalid request
+(FastAPI's validation errors included), 404 unknown model or reward, 429 overloaded, 503
+engine or reward model unavailable, 500 with a generic message and the traceback in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.backend import BackendError, InvalidGenerationRequest
+from engine.sbon import UnknownRewardError
+from reward.base import RewardError
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error with its HTTP status and OpenAI error fields."""
+
+    status = 500
+    type = "server_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+class InvalidRequest(APIError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class NotFound(APIError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class Overloaded(APIError):
+    status = 429
+    type = "rate_limit_error"
+
+
+class Unavailable(APIError):
+    status = 503
+    type = "service_unavailable_error"
+
+
+class InternalError(APIError):
+    status = 500
+    type = "server_error"
+
+
+def error_body(message: str, type_: str, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """The API error for any exception raised while serving a request."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, UnknownRewardError):
+        name = exc.args[0] if exc.args else ""
+        return NotFound(f"The reward '{name}' is not configured.", "sbon.reward",
+                        "reward_not_found")
+    if isinstance(exc, InvalidGenerationRequest):
+        return InvalidRequest(str(exc), None, "invalid_generation_request")
+    if isinstance(exc, BackendError):
+        return Unavailable("The generation engine is unavailable.", None, "engine_unavailable")
+    if isinstance(exc, RewardError):
+        return Unavailable("The reward model is unavailable.", "sbon.reward",
+                           "reward_unavailable")
+    logger.error("unhandled error while serving a request", exc_info=exc)
+    return InternalError("The server had an error while processing the request.")
+
+
+def error_response(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def sse_error_frame(error: APIError) -> str:
+    """An error inside an already started event stream."""
+    return f"data: {json.dumps(error.body())}\n\n"
+
+
+def _validation_error(exc: RequestValidationError) -> InvalidRequest:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    # Union members add their type name to the location; keep the field path only.
+    loc = [p for p in loc if not p.startswith(("list[", "str", "int", "function-"))]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    if kind == "extra_forbidden":
+        return InvalidRequest(f"Unrecognized request argument supplied: {param}", param,
+                              "unsupported_parameter")
+    if kind == "json_invalid":
+        return InvalidRequest("The request body is not valid JSON.", None, "invalid_json")
+    message = str(first.get("msg", "invalid request"))
+    if param:
+        message = f"{param}: {message}"
+    return InvalidRequest(message, param, "invalid_value")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every exception class to the OpenAI envelope."""
+
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(to_api_error(exc))
+
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(_validation_error(exc))
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        error_type = {404: NotFound, 405: InvalidRequest}.get(exc.status_code, InvalidRequest)
+        error = error_type(str(exc.detail))
+        error.status = exc.status_code
+        return error_response(error, headers=getattr(exc, "headers", None))
+
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    for known in (APIError, UnknownRewardError, InvalidGenerationRequest, BackendError,
+                  RewardError):
+        app.add_exception_handler(known, on_api_error)
+    # The last resort: a generic 500 (the traceback goes to the log, not to the client).
+    app.add_exception_handler(Exception, on_api_error)

@@ -1,0 +1,70 @@
+"""Every Prometheus metric of the service, declared in one place with the ``sbon_`` prefix.
+
+Each app owns its own registry (no module-level mutable state), so several apps can live in
+one process (tests). Units are in the names, buckets are explicit, and labels carry only
+bounded values: endpoint, status code, phase, reward name. Never prompts or request ids.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+PREFIX = "sbon"
+PHASES = ("queue", "generation", "scoring", "selection", "total")
+
+# Seconds: CPU runs take tens of seconds, GPU runs tens of milliseconds.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
+                   40.0, 80.0, 160.0, 320.0)
+REWARD_BUCKETS = (-20.0, -10.0, -5.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0,
+                  50.0, 100.0, 1000.0)
+ESS_BUCKETS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0)
+KL_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """The service's metrics on a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests", "HTTP requests by endpoint and status code.",
+            ["endpoint", "status"], registry=r)
+        self.in_flight = Gauge(
+            f"{PREFIX}_requests_in_flight", "Completion requests being served now.", registry=r)
+        self.phase_seconds = Histogram(
+            f"{PREFIX}_phase_duration_seconds",
+            "Time per request spent in each phase: queue (arrival until generation starts), "
+            "generation, reward scoring, selection, and the total.",
+            ["phase"], buckets=LATENCY_BUCKETS, registry=r)
+        self.candidates = Counter(
+            f"{PREFIX}_candidates", "Candidates generated (n per selection).", registry=r)
+        self.generated_tokens = Counter(
+            f"{PREFIX}_generated_tokens", "Tokens generated across all candidates.", registry=r)
+        self.scored_tokens = Counter(
+            f"{PREFIX}_scored_tokens", "Response tokens passed to reward models.", registry=r)
+        self.completion_tokens = Counter(
+            f"{PREFIX}_completion_tokens", "Tokens of the returned completions.", registry=r)
+        self.prompt_tokens = Counter(
+            f"{PREFIX}_prompt_tokens", "Prompt tokens of served requests.", registry=r)
+        self.selections = Counter(
+            f"{PREFIX}_selections", "Soft best-of-n selections (one per block).", registry=r)
+        self.chosen_reward = Histogram(
+            f"{PREFIX}_chosen_reward", "Reward of the chosen candidate (final selection).",
+            ["reward"], buckets=REWARD_BUCKETS, registry=r)
+        self.ess = Histogram(
+            f"{PREFIX}_effective_sample_size", "Effective sample size of the selection weights "
+            "(mean over blocks).", buckets=ESS_BUCKETS, registry=r)
+        self.kl_from_uniform = Histogram(
+            f"{PREFIX}_kl_from_uniform_nats", "KL of the selection weights from uniform, summed "
+            "over blocks.", buckets=KL_BUCKETS, registry=r)
+        self.kl_estimate = Histogram(
+            f"{PREFIX}_kl_estimate_nats", "Best-of-n KL estimator D(eps), summed over blocks.",
+            buckets=KL_BUCKETS, registry=r)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this registry."""
+        return generate_latest(self.registry)

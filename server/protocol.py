@@ -1,0 +1,230 @@
+"""Request and response schemas: OpenAI's completions and chat completions, plus ``sbon``.
+
+Requests mirror OpenAI's fields. Every soft best-of-n setting lives in one nested ``sbon``
+object (sent by clients through ``extra_body``) and every diagnostic in one optional ``sbon``
+object on each returned choice. Unknown fields are refused, never dropped; known OpenAI
+fields this server does not implement are listed in ``UNSUPPORTED_FIELDS`` and refused when
+set to anything but their neutral value.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engine.config import parse_lambda
+from engine.selection import Normalization
+
+# OpenAI fields that are understood but not implemented, with the value that means "unused".
+UNSUPPORTED_FIELDS: dict[str, Any] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "response_format": (None, {"type": "text"}),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+}
+
+
+class StrictModel(BaseModel):
+    """Refuses unknown fields, so nothing a client sends is silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class SBoNOptions(StrictModel):
+    """The soft best-of-n settings of one request; missing ones come from configuration."""
+
+    n: int | None = Field(default=None, ge=1, description="candidates per selection")
+    lam: float | None = Field(
+        default=None, alias="lambda", ge=0.0,
+        description="selection temperature in reward units; 0 = hard best-of-n, 'inf' = off")
+    block_size: int | None = Field(
+        default=None, ge=1,
+        description="tokens per block; null = one selection per response, absent = the default")
+    reward: str | None = Field(default=None, description="a configured reward's name")
+    normalize: Normalization | None = Field(
+        default=None, description="raw rewards, or per-request z-scores (lambda then unit-free)")
+    return_candidates: bool = Field(default=False, description="include every candidate's text")
+
+    @field_validator("lam", mode="before")
+    @classmethod
+    def _lambda(cls, value: Any) -> Any:
+        return parse_lambda(value)
+
+    @field_validator("lam")
+    @classmethod
+    def _finite_or_inf(cls, value: float | None) -> float | None:
+        if value is not None and math.isnan(value):
+            raise ValueError("lambda must be a number >= 0 or 'inf'")
+        return value
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class _Sampling(StrictModel):
+    """Fields shared by completions and chat completions."""
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    n: int = Field(default=1, ge=1, description="returned choices, each an independent draw")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    sbon: SBoNOptions | None = None
+    # Accepted so that they can be refused by name (see UNSUPPORTED_FIELDS).
+    logprobs: Any = None
+    top_logprobs: Any = None
+    logit_bias: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        items = [value] if isinstance(value, str) else (value or [])
+        if len(items) > 16:
+            raise ValueError("at most 16 stop sequences")
+        if any(not s for s in items):
+            raise ValueError("stop sequences must not be empty")
+        return value
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``. ``prompt`` is a string or a list of strings."""
+
+    prompt: str | list[str]
+    echo: Any = None
+    best_of: Any = None
+    suffix: Any = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt must not be an empty list")
+        return value
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class TextPart(StrictModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(StrictModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    """``POST /v1/chat/completions``; the prompt is rendered with the model's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+# --- responses -----------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+    sbon: dict[str, Any] | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str | None
+    sbon: dict[str, Any] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "sbon"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

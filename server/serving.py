@@ -1,0 +1,381 @@
+"""The serving logic behind both completion endpoints: plan, admit, run, stream, account.
+
+A request becomes a :class:`Plan` (validated settings, limits checked, prompts tokenised
+once), then one soft best-of-n run per returned choice, concurrently. Streaming merges the
+choices' block events into OpenAI chunks. Disconnects cancel the runs, which aborts their
+engine requests; the concurrency cap answers 429 instead of queueing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from engine.config import AppConfig
+from engine.sbon import SBoNEngine
+from engine.seeds import choice_seed
+from engine.types import BlockEvent, SamplingSettings, SBoNParams, SBoNResult
+from reward.base import Message, Prompt
+from server.errors import (
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    Unavailable,
+    sse_error_frame,
+    to_api_error,
+)
+from server.metrics import Metrics
+from server.protocol import (
+    UNSUPPORTED_FIELDS,
+    ChatCompletionRequest,
+    CompletionRequest,
+)
+from server.render import DONE, ChoiceResult, ChunkWriter, Kind, sbon_object
+
+logger = logging.getLogger(__name__)
+
+AnyRequest = CompletionRequest | ChatCompletionRequest
+
+
+class ServingBackend(Protocol):
+    """What the server needs of the engine beyond the soft best-of-n loop."""
+
+    max_model_len: int
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]: ...
+
+    def num_unfinished_requests(self) -> int: ...
+
+
+class ServingRuntime(Protocol):
+    """A started engine with its rewards (``engine.runtime.Runtime`` or a test double)."""
+
+    @property
+    def sbon(self) -> SBoNEngine: ...
+
+    @property
+    def backend(self) -> ServingBackend: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated request, ready to run."""
+
+    kind: Kind
+    request_id: str
+    prompts: list[Prompt]
+    prompt_ids: list[list[int]]
+    params: SBoNParams
+    sampling: SamplingSettings
+    choices_per_prompt: int
+    show_sbon: bool
+    return_candidates: bool
+    include_usage: bool
+    arrived: float
+
+    def slots(self) -> list[tuple[int, int]]:
+        """(choice index, prompt index) of every returned choice, in OpenAI's order."""
+        return [(p * self.choices_per_prompt + c, p) for p in range(len(self.prompts))
+                for c in range(self.choices_per_prompt)]
+
+
+class Admission:
+    """The concurrency cap: at most ``limit`` completion requests in flight, else 429."""
+
+    def __init__(self, limit: int, metrics: Metrics) -> None:
+        self.limit = limit
+        self.in_flight = 0
+        self._metrics = metrics
+
+    def acquire(self) -> Callable[[], None]:
+        if self.in_flight >= self.limit:
+            raise Overloaded(f"The server is serving its maximum of {self.limit} concurrent "
+                             "requests; retry later.", None, "rate_limit_exceeded")
+        self.in_flight += 1
+        self._metrics.in_flight.set(self.in_flight)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= 1
+                self._metrics.in_flight.set(self.in_flight)
+
+        return release
+
+
+class CompletionService:
+    """Plans and runs completion and chat completion requests over a started runtime."""
+
+    def __init__(self, config: AppConfig, runtime: ServingRuntime, metrics: Metrics) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.metrics = metrics
+
+    # --- planning ------------------------------------------------------------------------
+
+    def plan(self, request: AnyRequest, request_id: str, arrived: float) -> Plan:
+        """Validate a request against the server's policy and tokenise its prompts."""
+        self._check_model(request.model)
+        _refuse_unsupported(request)
+        limits = self.config.limits
+        if request.n > limits.max_choices:
+            raise InvalidRequest(f"n must be at most {limits.max_choices}", "n", "limit_exceeded")
+        params = self._params(request)
+        kind: Kind = "chat" if isinstance(request, ChatCompletionRequest) else "completion"
+        prompts = _prompts(request)
+        backend = self.runtime.backend
+        prompt_ids = [backend.encode_prompt(p) for p in prompts]
+        max_tokens = self._max_tokens(request, max(len(ids) for ids in prompt_ids))
+        if params.block_size is not None:
+            blocks = math.ceil(max_tokens / params.block_size)
+            if blocks > limits.max_blocks:
+                raise InvalidRequest(
+                    f"{max_tokens} tokens in blocks of {params.block_size} make {blocks} blocks; "
+                    f"the maximum is {limits.max_blocks}", "sbon.block_size", "limit_exceeded")
+        sampling = SamplingSettings(
+            temperature=request.temperature, top_p=request.top_p, top_k=max(0, request.top_k),
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty, max_tokens=max_tokens,
+            stop=request.stop_list(), seed=request.seed)
+        options = request.sbon
+        return Plan(
+            kind=kind, request_id=request_id, prompts=prompts, prompt_ids=prompt_ids,
+            params=params, sampling=sampling, choices_per_prompt=request.n,
+            show_sbon=options is not None or self.config.sbon.enabled,
+            return_candidates=bool(options and options.return_candidates),
+            include_usage=bool(request.stream_options and request.stream_options.include_usage),
+            arrived=arrived)
+
+    def _check_model(self, model: str) -> None:
+        served = self.config.model.public_name
+        if model != served:
+            raise NotFound(f"The model '{model}' does not exist; this server serves '{served}'.",
+                           "model", "model_not_found")
+
+    def _params(self, request: AnyRequest) -> SBoNParams:
+        defaults, options = self.config.sbon, request.sbon
+        if options is None and not defaults.enabled:
+            return SBoNParams(n=1, lam=math.inf, score=False)
+        given = options.model_fields_set if options is not None else set()
+        n = options.n if options is not None and options.n is not None else defaults.n
+        if n > self.config.limits.max_candidates:
+            raise InvalidRequest(f"sbon.n must be at most {self.config.limits.max_candidates}",
+                                 "sbon.n", "limit_exceeded")
+        lam = options.lam if options is not None and options.lam is not None else defaults.lam
+        block = options.block_size if options is not None and "block_size" in given \
+            else defaults.block_size
+        normalize = (options.normalize if options is not None and options.normalize
+                     else defaults.normalize)
+        reward = options.reward if options is not None else None
+        self.runtime.sbon.scorer_for(reward)  # 404 for an unknown reward, before any work
+        # One candidate leaves nothing to select: it is the base model, and no reward is paid.
+        return SBoNParams(n=n, lam=lam, block_size=block, normalize=normalize, reward=reward,
+                          score=n > 1)
+
+    def _max_tokens(self, request: AnyRequest, prompt_len: int) -> int:
+        limits, context = self.config.limits, self.runtime.backend.max_model_len
+        param = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) \
+            else "max_tokens"
+        room = context - prompt_len
+        if room < 1:
+            raise InvalidRequest(
+                f"The prompt has {prompt_len} tokens; this model's context is {context} tokens.",
+                "messages" if isinstance(request, ChatCompletionRequest) else "prompt",
+                "context_length_exceeded")
+        wanted = request.requested_max_tokens()
+        if wanted is None:
+            return min(limits.max_tokens, room)
+        if wanted > limits.max_tokens:
+            raise InvalidRequest(f"{param} must be at most {limits.max_tokens}", param,
+                                 "limit_exceeded")
+        if wanted > room:
+            raise InvalidRequest(
+                f"This model's maximum context length is {context} tokens. However, you "
+                f"requested {prompt_len + wanted} tokens ({prompt_len} in the prompt, {wanted} "
+                "for the completion).", param, "context_length_exceeded")
+        return wanted
+
+    # --- running -------------------------------------------------------------------------
+
+    def _sampling_for(self, plan: Plan, choice: int) -> SamplingSettings:
+        # Per prompt: a batch of prompts with one seed answers each as a single request would.
+        seed = choice_seed(plan.sampling.seed, choice % plan.choices_per_prompt)
+        if seed == plan.sampling.seed:
+            return plan.sampling
+        values = plan.sampling.__dict__ | {"seed": seed}
+        return SamplingSettings(**values)
+
+    def _engine_id(self, plan: Plan, choice: int) -> str:
+        # Unique even when a client reuses its X-Request-Id for concurrent requests.
+        return f"{plan.request_id}.{uuid.uuid4().hex[:8]}.c{choice}"
+
+    async def _run_choice(self, plan: Plan, choice: int, prompt_index: int) -> ChoiceResult:
+        result = await self.runtime.sbon.run(
+            plan.prompts[prompt_index], plan.params, self._sampling_for(plan, choice),
+            self._engine_id(plan, choice), plan.prompt_ids[prompt_index])
+        self.observe(plan, result)
+        return ChoiceResult(choice, prompt_index, result)
+
+    async def complete(self, plan: Plan) -> list[ChoiceResult]:
+        """Run every choice concurrently; the first failure cancels the others."""
+        self.metrics.phase_seconds.labels("queue").observe(time.perf_counter() - plan.arrived)
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._run_choice(plan, c, p)) for c, p in plan.slots()]
+        except BaseExceptionGroup as group_error:
+            raise _first(group_error) from None
+        return [t.result() for t in tasks]
+
+    def observe(self, plan: Plan, result: SBoNResult) -> None:
+        """Per-choice metrics: phases, tokens, candidates, reward and distortion."""
+        m = self.metrics
+        for phase in ("generation", "scoring", "selection"):
+            m.phase_seconds.labels(phase).observe(result.timings.get(phase, 0.0))
+        m.candidates.inc(plan.params.n * len(result.blocks))
+        m.selections.inc(len(result.blocks))
+        m.generated_tokens.inc(result.tokens_generated)
+        m.scored_tokens.inc(result.tokens_scored)
+        m.completion_tokens.inc(result.completion_tokens)
+        m.prompt_tokens.inc(result.prompt_tokens)
+        if plan.params.score:
+            final = result.final_block
+            m.chosen_reward.labels(result.reward_name).observe(final.chosen.reward)
+            m.ess.observe(result.diagnostics.ess)
+            m.kl_from_uniform.observe(result.diagnostics.kl_from_uniform)
+            m.kl_estimate.observe(result.diagnostics.kl_estimate)
+
+    # --- streaming -----------------------------------------------------------------------
+
+    async def stream(self, plan: Plan, writer: ChunkWriter) -> AsyncIterator[str]:
+        """SSE frames: each chosen block as soon as it is selected, then usage and [DONE]."""
+        self.metrics.phase_seconds.labels("queue").observe(time.perf_counter() - plan.arrived)
+        queue: asyncio.Queue[tuple[int, BlockEvent | SBoNResult | BaseException | None]] = \
+            asyncio.Queue()
+        tasks = [asyncio.create_task(self._feed(plan, c, p, queue)) for c, p in plan.slots()]
+        finished: list[ChoiceResult] = []
+        prompt_of = dict(plan.slots())
+        try:
+            for choice, _ in plan.slots():
+                opening = writer.opening(choice)
+                if opening:
+                    yield opening
+            while len(finished) < len(tasks):
+                choice, item = await queue.get()
+                if isinstance(item, BaseException):
+                    yield _stream_error(item)
+                    yield DONE
+                    return
+                if isinstance(item, BlockEvent):
+                    if item.text_delta:
+                        yield writer.text(choice, item.text_delta)
+                elif isinstance(item, SBoNResult):
+                    finished.append(ChoiceResult(choice, prompt_of[choice], item))
+                    sbon = sbon_object(item, plan.return_candidates) if plan.show_sbon else None
+                    yield writer.finish(choice, item, sbon)
+            if plan.include_usage:
+                yield writer.usage(finished)
+            yield DONE
+        finally:
+            await _cancel(tasks)
+
+    async def _feed(self, plan: Plan, choice: int, prompt_index: int,
+                    queue: asyncio.Queue[tuple[int, Any]]) -> None:
+        try:
+            async for event in self.runtime.sbon.stream(
+                    plan.prompts[prompt_index], plan.params, self._sampling_for(plan, choice),
+                    self._engine_id(plan, choice), plan.prompt_ids[prompt_index]):
+                if isinstance(event, SBoNResult):
+                    self.observe(plan, event)
+                await queue.put((choice, event))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # delivered to the client as an error frame
+            await queue.put((choice, exc))
+
+
+def _refuse_unsupported(request: AnyRequest) -> None:
+    for name in sorted(request.model_fields_set & UNSUPPORTED_FIELDS.keys()):
+        value = getattr(request, name)
+        if not _is_neutral(value, UNSUPPORTED_FIELDS[name]):
+            raise InvalidRequest(f"The parameter '{name}' is not supported by this server.",
+                                 name, "unsupported_parameter")
+
+
+def _is_neutral(value: Any, neutrals: Sequence[Any]) -> bool:
+    # ``type`` is compared too, so that 0 does not pass for False or 1 for True.
+    return any(value is n or (type(value) is type(n) and value == n) for n in neutrals)
+
+
+def _prompts(request: AnyRequest) -> list[Prompt]:
+    if isinstance(request, ChatCompletionRequest):
+        return [tuple(Message(_role(m.role), m.text()) for m in request.messages)]
+    return list(request.prompts())
+
+
+def _role(role: str) -> str:
+    # Chat templates know "system"; OpenAI's newer "developer" role means the same.
+    return "system" if role == "developer" else role
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    leaves: list[BaseException] = []
+
+    def walk(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                walk(inner)
+        else:
+            leaves.append(error)
+
+    walk(group)
+    real = [e for e in leaves if not isinstance(e, asyncio.CancelledError)]
+    return (real or leaves)[0]
+
+
+def _stream_error(exc: BaseException) -> str:
+    return sse_error_frame(to_api_error(exc))
+
+
+async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(BaseException):
+            await task
+
+
+async def until_disconnected(work: Awaitable[Any], is_disconnected: Callable[[], Awaitable[bool]],
+                             poll_s: float = 0.25) -> Any:
+    """Await ``work``, cancelling it (and so its engine requests) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await is_disconnected():
+                raise ClientGone()
+    finally:
+        if not task.done():
+            await _cancel([task])
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was ready."""
+
+
+def require_ready(runtime: ServingRuntime | None) -> ServingRuntime:
+    if runtime is None:
+        raise Unavailable("The model is still loading; retry shortly.", None, "engine_loading")
+    return runtime
