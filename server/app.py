@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.config import AppConfig, non_default_values
-from server.errors import Unavailable, error_response, install_error_handlers
+from server.errors import Unavailable, error_response, install_error_handlers, to_api_error
 from server.metrics import CONTENT_TYPE, Metrics
 from server.protocol import (
     ChatCompletionRequest,
@@ -170,6 +170,8 @@ async def _serve(state: ServerState, body: AnyRequest, request: Request) -> Resp
         logger.info("client disconnected; its engine requests were aborted",
                     extra={"request_id": plan.request_id})
         return Response(status_code=CLIENT_CLOSED_REQUEST)
+    except Exception as exc:  # mapped once here; unexpected ones are logged with traceback
+        raise to_api_error(exc) from exc
     finally:
         finish()
     return JSONResponse(response_body(plan.kind, response_id, created, model, choices,
