@@ -97,6 +97,8 @@ def create_app(config: AppConfig, start_runtime: RuntimeStarter | None = None,
     app = FastAPI(title="SoftBoN Serve", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible soft best-of-n decoding.")
     app.state.sbon = state
+    metrics.engine_requests.set_function(
+        lambda: float(state.runtime.backend.num_unfinished_requests()) if state.runtime else 0.0)
     install_error_handlers(app)
     _add_routes(app, state)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)

@@ -35,6 +35,9 @@ class Metrics:
             ["endpoint", "status"], registry=r)
         self.in_flight = Gauge(
             f"{PREFIX}_requests_in_flight", "Completion requests being served now.", registry=r)
+        self.engine_requests = Gauge(
+            f"{PREFIX}_engine_unfinished_requests",
+            "Engine requests queued or running now (candidates and judge queries).", registry=r)
         self.phase_seconds = Histogram(
             f"{PREFIX}_phase_duration_seconds",
             "Time per request spent in each phase: queue (arrival until generation starts), "

@@ -6,7 +6,7 @@ import math
 
 import httpx
 import pytest
-from conftest import Served
+from api_harness import Served
 
 pytestmark = pytest.mark.api
 

@@ -8,7 +8,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import Served, wait_ready
+from api_harness import Served, wait_ready
 from fakes import FakeBackend, FakeScorer
 
 from reward.base import RewardError

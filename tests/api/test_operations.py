@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from conftest import Served
+from api_harness import Served
 from fakes import FakeBackend
 
 pytestmark = pytest.mark.api

@@ -6,7 +6,7 @@ import json
 
 import httpx
 import pytest
-from conftest import Served
+from api_harness import Served
 from fakes import FakeScorer
 
 from reward.base import RewardError

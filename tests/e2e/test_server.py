@@ -1,0 +1,108 @@
+"""The real ``sbon serve`` process on the embedded model, through the official openai client.
+
+Token counts stay small: the CPU generates a few dozen tokens a second.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+
+import httpx
+import pytest
+from live_server import LiveServer
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "smollm2-135m-instruct"
+MESSAGES = [{"role": "user", "content": "Write a haiku about the sea."}]
+
+
+def gauge(server: LiveServer, name: str) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else math.nan
+
+
+def test_chat_completion_with_and_without_sbon(live_server: LiveServer) -> None:
+    client = live_server.client()
+    reply = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=16, seed=1,  # type: ignore[arg-type]
+        extra_body={"sbon": {"n": 3, "lambda": 0.5, "block_size": 8}})
+    choice = reply.choices[0]
+    sbon = choice.model_extra["sbon"]  # type: ignore[index]
+    assert choice.message.content and choice.finish_reason in {"stop", "length"}
+    assert 1 <= len(sbon["blocks"]) <= 2 and sbon["reward"] == "judge"
+    for block in sbon["blocks"]:
+        assert len(block["rewards"]) == 3 and all(math.isfinite(r) for r in block["rewards"])
+        assert sum(block["weights"]) == pytest.approx(1.0)
+    assert 0.0 <= sbon["kl_estimate"] <= sbon["kl_bon_bound"] + 1e-9
+    assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 16
+    assert sbon["tokens_generated"] >= reply.usage.completion_tokens
+    plain = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=8)  # type: ignore[arg-type]
+    assert plain.choices[0].message.content is not None
+    assert plain.choices[0].model_extra["sbon"]["n"] == 4  # type: ignore[index]  # config default
+
+
+def test_streaming_chat_and_completions(live_server: LiveServer) -> None:
+    client = live_server.client()
+    stream = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=16, stream=True,  # type: ignore[arg-type]
+        stream_options={"include_usage": True},
+        extra_body={"sbon": {"n": 2, "lambda": 1.0, "block_size": 8}})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens > 0
+    completion = client.completions.create(
+        model=MODEL, prompt="The sea is", max_tokens=8, stream=True, seed=3,
+        extra_body={"sbon": {"n": 2}})
+    pieces = [c.choices[0].text for c in completion if c.choices]
+    assert "".join(pieces)
+
+
+def test_a_disconnected_client_leaves_no_engine_requests(live_server: LiveServer) -> None:
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 400,
+            "sbon": {"n": 4, "block_size": 16}}
+    seen = {"max": 0.0}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen["max"] = max(seen["max"], gauge(live_server, "sbon_engine_unfinished_requests"))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{live_server.url}/v1/chat/completions", json=body, timeout=4)
+    finally:
+        time.sleep(0.5)
+        stop.set()
+        watcher.join()
+    assert seen["max"] >= 1, "the request never reached the engine"
+    deadline = time.monotonic() + 15
+    while gauge(live_server, "sbon_engine_unfinished_requests") != 0:
+        assert time.monotonic() < deadline, "engine requests were left running"
+        time.sleep(0.2)
+
+
+def test_metrics_move_and_health_is_ok(live_server: LiveServer) -> None:
+    health = httpx.get(f"{live_server.url}/health", timeout=10)
+    assert health.status_code == 200 and health.json()["model"] == MODEL
+    count = "sbon_phase_duration_seconds_count"
+    before = httpx.get(f"{live_server.url}/metrics").text
+    live_server.client().completions.create(model=MODEL, prompt="Hello", max_tokens=4,
+                                            extra_body={"sbon": {"n": 2}})
+    after = httpx.get(f"{live_server.url}/metrics").text
+
+    def value(text: str, phase: str) -> float:
+        match = re.search(rf'^{count}{{phase="{phase}"}} (\S+)$', text, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
+    for phase in ("queue", "generation", "scoring", "selection", "total"):
+        assert value(after, phase) == value(before, phase) + 1, phase
