@@ -7,7 +7,7 @@ from the ids of the chosen blocks and never re-tokenises text.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
 from engine.types import Candidate, SamplingSettings
@@ -42,6 +42,20 @@ class GenerationBackend(Protocol):
         seed: int | None,
     ) -> list[Candidate]:
         """Sample ``n`` continuations (one engine request; the prompt's KV is shared)."""
+        ...
+
+    def generate_stream(
+        self,
+        prompt_token_ids: Sequence[int],
+        sampling: SamplingSettings,
+        max_tokens: int,
+        request_id: str,
+        seed: int | None,
+    ) -> AsyncIterator[str | Candidate]:
+        """One sample, token by token: text deltas as they decode, then the :class:`Candidate`.
+
+        Plain decoding (one candidate, nothing to select) streams through this.
+        """
         ...
 
     async def abort(self, request_ids: Sequence[str]) -> None:

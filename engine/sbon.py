@@ -31,6 +31,7 @@ from engine.types import (
     SBoNParams,
     SBoNResult,
     ScoredCandidate,
+    TextEvent,
 )
 from reward.base import Prompt, RewardScorer
 
@@ -123,22 +124,57 @@ class SBoNEngine:
         sampling: SamplingSettings,
         request_id: str,
         prompt_ids: Sequence[int] | None = None,
-    ) -> AsyncIterator[BlockEvent | SBoNResult]:
-        """Yield one :class:`BlockEvent` per chosen block, then the :class:`SBoNResult`."""
+        token_stream: bool = False,
+    ) -> AsyncIterator[BlockEvent | TextEvent | SBoNResult]:
+        """Yield one :class:`BlockEvent` per chosen block, then the :class:`SBoNResult`.
+
+        With ``token_stream``, plain decoding (one candidate, no reward, one block) also
+        yields :class:`TextEvent` deltas while the engine decodes, as a plain server would.
+        """
         reward_name, scorer = self.scorer_for(params.reward)
         ids = list(prompt_ids) if prompt_ids is not None else self.backend.encode_prompt(prompt)
         state = _State(prompt_ids=ids, response_ids=[])
         rng = random.Random(sampling.seed) if sampling.seed is not None else random.Random()
+        plain = token_stream and params.n == 1 and not params.score and not params.blockwise
         blocks: list[BlockRecord] = []
         while state.finish_reason is None:
-            record = await self._step(
-                prompt, params, sampling, request_id, scorer, state, rng, len(blocks)
-            )
-            blocks.append(record)
-            delta = self._append(record.chosen, params, sampling, state)
+            if plain:
+                steps = self._plain_step(prompt, params, sampling, request_id, scorer, state, rng)
+            else:
+                steps = self._one_step(prompt, params, sampling, request_id, scorer, state, rng,
+                                       len(blocks))
+            async for item in steps:
+                if isinstance(item, TextEvent):
+                    yield item
+                else:
+                    blocks.append(item)
+            delta = self._append(blocks[-1].chosen, params, sampling, state)
             finished = state.finish_reason is not None
-            yield BlockEvent(block=record, text_delta=delta, finished=finished)
+            yield BlockEvent(block=blocks[-1], text_delta=delta, finished=finished)
         yield self._result(params, reward_name, blocks, state)
+
+    async def _one_step(self, prompt: Prompt, params: SBoNParams, sampling: SamplingSettings,
+                        request_id: str, scorer: RewardScorer, state: _State,
+                        rng: random.Random, index: int) -> AsyncIterator[BlockRecord]:
+        yield await self._step(prompt, params, sampling, request_id, scorer, state, rng, index)
+
+    async def _plain_step(self, prompt: Prompt, params: SBoNParams, sampling: SamplingSettings,
+                          request_id: str, scorer: RewardScorer, state: _State,
+                          rng: random.Random) -> AsyncIterator[TextEvent | BlockRecord]:
+        """The single block of plain decoding, streamed token by token."""
+        started = time.perf_counter()
+        candidate: Candidate | None = None
+        async for item in self.backend.generate_stream(
+                state.prompt_ids, sampling, sampling.max_tokens, f"{request_id}-b0",
+                block_seed(sampling.seed, 0)):
+            if isinstance(item, Candidate):
+                candidate = item
+            else:
+                state.emitted += len(item)  # already sent: the block event releases no text
+                yield TextEvent(item)
+        if candidate is None:
+            raise RuntimeError("the backend's stream ended without its candidate")
+        yield await self._select(prompt, params, scorer, state, rng, 0, [candidate], started)
 
     async def _step(
         self,
@@ -162,6 +198,12 @@ class SBoNEngine:
             f"{request_id}-b{index}",
             block_seed(sampling.seed, index),
         )
+        return await self._select(prompt, params, scorer, state, rng, index, candidates, started)
+
+    async def _select(self, prompt: Prompt, params: SBoNParams, scorer: RewardScorer,
+                      state: _State, rng: random.Random, index: int,
+                      candidates: list[Candidate], started: float) -> BlockRecord:
+        """Score the block's candidates (prefix + block), draw one, and record the step."""
         generated = time.perf_counter()
         responses = [state.text + c.text for c in candidates]
         if params.score:

@@ -146,6 +146,13 @@ class BlockEvent:
     finished: bool
 
 
+@dataclass(frozen=True)
+class TextEvent:
+    """Streamed during plain decoding (one candidate, no selection): text as it decodes."""
+
+    text_delta: str
+
+
 def is_off(lam: float) -> bool:
     """True when lambda means "no selection pressure" (the base model)."""
     return math.isinf(lam)

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from engine.backend import BackendError, InvalidGenerationRequest, PromptTooLongError
@@ -137,6 +137,47 @@ class VLLMBackend:
                 f"{self.max_model_len} tokens"
             )
 
+    def _sampling_params(self, prompt_len: int, n: int, sampling: SamplingSettings,
+                         max_tokens: int, seed: int | None, delta: bool) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if self._engine is None:
+            raise BackendError("the engine is not started")
+        self._check_length(prompt_len, max_tokens)
+        return SamplingParams(
+            n=n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k if sampling.top_k > 0 else 0,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            max_tokens=min(max_tokens, self.max_model_len - prompt_len),
+            stop=list(sampling.stop) or None,
+            seed=seed,
+            logprobs=0,  # the sampled token's log-probability gives the cumulative one
+            output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
+        )
+
+    async def _outputs(self, prompt_token_ids: Sequence[int], params: Any,
+                       request_id: str) -> AsyncIterator[Any]:
+        """The engine's outputs for one request, with its errors mapped to ours."""
+        from vllm.inputs import TokensPrompt
+
+        try:
+            async for output in self._engine.generate(
+                TokensPrompt(prompt_token_ids=list(prompt_token_ids)), params, request_id
+            ):
+                yield output
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # vLLM raises its own types; the server maps ours
+            from vllm.exceptions import VLLMClientError
+
+            if isinstance(exc, VLLMClientError):
+                raise InvalidGenerationRequest(str(exc)) from exc
+            raise BackendError(f"generation failed: {type(exc).__name__}") from exc
+
     async def generate(
         self,
         prompt_token_ids: Sequence[int],
@@ -146,44 +187,38 @@ class VLLMBackend:
         request_id: str,
         seed: int | None,
     ) -> list[Candidate]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
-
-        if self._engine is None:
-            raise BackendError("the engine is not started")
-        self._check_length(len(prompt_token_ids), max_tokens)
-        max_tokens = min(max_tokens, self.max_model_len - len(prompt_token_ids))
-        params = SamplingParams(
-            n=n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k if sampling.top_k > 0 else 0,
-            presence_penalty=sampling.presence_penalty,
-            frequency_penalty=sampling.frequency_penalty,
-            max_tokens=max_tokens,
-            stop=list(sampling.stop) or None,
-            seed=seed,
-            logprobs=0,  # the sampled token's log-probability gives the cumulative one
-            output_kind=RequestOutputKind.FINAL_ONLY,
-        )
+        params = self._sampling_params(len(prompt_token_ids), n, sampling, max_tokens, seed,
+                                       delta=False)
         final = None
-        try:
-            async for output in self._engine.generate(
-                TokensPrompt(prompt_token_ids=list(prompt_token_ids)), params, request_id
-            ):
-                final = output
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # vLLM raises its own types; the server maps ours
-            from vllm.exceptions import VLLMClientError
-
-            if isinstance(exc, VLLMClientError):
-                raise InvalidGenerationRequest(str(exc)) from exc
-            raise BackendError(f"generation failed: {type(exc).__name__}") from exc
+        async for output in self._outputs(prompt_token_ids, params, request_id):
+            final = output
         if final is None:
             raise BackendError("the engine returned no output")
         return [_candidate(o) for o in sorted(final.outputs, key=lambda o: o.index)]
+
+    async def generate_stream(
+        self,
+        prompt_token_ids: Sequence[int],
+        sampling: SamplingSettings,
+        max_tokens: int,
+        request_id: str,
+        seed: int | None,
+    ) -> AsyncIterator[str | Candidate]:
+        params = self._sampling_params(len(prompt_token_ids), 1, sampling, max_tokens, seed,
+                                       delta=True)
+        token_ids: list[int] = []
+        text: list[str] = []
+        last = None
+        async for output in self._outputs(prompt_token_ids, params, request_id):
+            last = output.outputs[0]
+            token_ids.extend(last.token_ids)
+            if last.text:
+                text.append(last.text)
+                yield last.text
+        if last is None:
+            raise BackendError("the engine returned no output")
+        yield Candidate(tuple(token_ids), "".join(text), last.cumulative_logprob,
+                        last.finish_reason, last.stop_reason)
 
     async def abort(self, request_ids: Sequence[str]) -> None:
         if self._engine is not None and request_ids:

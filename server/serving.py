@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from engine.config import AppConfig
 from engine.sbon import SBoNEngine
 from engine.seeds import choice_seed
-from engine.types import BlockEvent, SamplingSettings, SBoNParams, SBoNResult
+from engine.types import BlockEvent, SamplingSettings, SBoNParams, SBoNResult, TextEvent
 from reward.base import Message, Prompt
 from server.errors import (
     InvalidRequest,
@@ -276,7 +276,7 @@ class CompletionService:
                     yield _stream_error(item)
                     yield DONE
                     return
-                if isinstance(item, BlockEvent):
+                if isinstance(item, BlockEvent | TextEvent):
                     if item.text_delta:
                         yield writer.text(choice, item.text_delta)
                 elif isinstance(item, SBoNResult):
@@ -294,7 +294,8 @@ class CompletionService:
         try:
             async for event in self.runtime.sbon.stream(
                     plan.prompts[prompt_index], plan.params, self._sampling_for(plan, choice),
-                    self._engine_id(plan, choice), plan.prompt_ids[prompt_index]):
+                    self._engine_id(plan, choice), plan.prompt_ids[prompt_index],
+                    token_stream=True):
                 if isinstance(event, SBoNResult):
                     self.observe(plan, event)
                 await queue.put((choice, event))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from engine.types import Candidate, SamplingSettings
@@ -51,6 +51,17 @@ class FakeBackend:
         rng = random.Random(hash((tuple(call.prompt_token_ids), call.seed, i)))
         ids = tuple(rng.randrange(100, 200) for _ in range(call.max_tokens))
         return Candidate(ids, "".join(f"w{t} " for t in ids), -0.5 * len(ids), "length")
+
+    async def generate_stream(self, prompt_token_ids: Sequence[int], sampling: SamplingSettings,
+                              max_tokens: int, request_id: str, seed: int | None
+                              ) -> AsyncIterator[str | Candidate]:
+        """The same candidate as ``generate(n=1)``, its text sent word by word first."""
+        (candidate,) = await self.generate(prompt_token_ids, 1, sampling, max_tokens,
+                                           request_id, seed)
+        for word in candidate.text.split(" "):
+            if word:
+                yield word + " "
+        yield candidate
 
     async def abort(self, request_ids: Sequence[str]) -> None:
         return None

@@ -85,3 +85,14 @@ def test_an_error_after_the_stream_started_is_an_error_frame_then_done(server_fa
     assert error["type"] == "service_unavailable_error" and error["code"] == "reward_unavailable"
     assert "went away" not in error["message"]  # internal details stay in the log
     assert any("delta" in json.loads(f).get("choices", [{}])[0] for f in raw[:-2])
+
+
+def test_plain_decoding_streams_tokens_as_they_decode(server_factory) -> None:
+    served = server_factory(sbon={"enabled": False})
+    stream = served.client().chat.completions.create(
+        model="fake-model", messages=MESSAGES, max_tokens=5, stream=True)  # type: ignore
+    chunks = list(stream)
+    content = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert len(content) == 5  # one chunk per decoded piece, not one after the whole response
+    assert all("sbon" not in (c.choices[0].model_extra or {}) for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "length"

@@ -13,7 +13,7 @@ import pytest
 
 from engine.sbon import UnknownRewardError
 from engine.selection import kl_bon_bound
-from engine.types import SamplingSettings, SBoNParams, SBoNResult
+from engine.types import SamplingSettings, SBoNParams, SBoNResult, TextEvent
 from reward.base import Message
 
 pytestmark = pytest.mark.integration
@@ -119,3 +119,18 @@ async def test_requests_run_concurrently_and_cancelled_ones_leave_the_engine(run
             break
         await asyncio.sleep(0.05)
     assert backend.num_unfinished_requests() == 0
+
+
+async def test_plain_decoding_streams_tokens_from_the_engine(runtime) -> None:
+    params = SBoNParams(n=1, lam=math.inf, score=False)
+    sampling = SamplingSettings(max_tokens=16, seed=11)
+    events = [e async for e in runtime.sbon.stream(PROMPT, params, sampling, "it-tokens",
+                                                   token_stream=True)]
+    texts = [e.text_delta for e in events if isinstance(e, TextEvent)]
+    result = events[-1]
+    assert isinstance(result, SBoNResult)
+    assert len(texts) >= 2 and "".join(texts) == result.text
+    assert result.blocks[0].chosen.cumulative_logprob is not None
+    assert result.blocks[0].chosen.cumulative_logprob < 0
+    same = await runtime.sbon.run(PROMPT, params, sampling, "it-tokens-2")
+    assert same.token_ids == result.token_ids  # streaming does not change the sample

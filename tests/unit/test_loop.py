@@ -10,7 +10,14 @@ from fakes import Call, FakeBackend, FakeScorer
 from engine.sbon import SBoNEngine, UnknownRewardError, find_stop, held_back
 from engine.seeds import BLOCK_SEED_STRIDE
 from engine.selection import kl_bon_bound
-from engine.types import BlockEvent, Candidate, SamplingSettings, SBoNParams, SBoNResult
+from engine.types import (
+    BlockEvent,
+    Candidate,
+    SamplingSettings,
+    SBoNParams,
+    SBoNResult,
+    TextEvent,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -159,3 +166,27 @@ def test_held_back_keeps_possible_stop_prefixes() -> None:
     assert held_back("hello E", ["END", "EX"]) == 1
     assert held_back("hello", ["END"]) == 0
     assert held_back("x", []) == 0
+
+
+async def test_plain_decoding_streams_token_deltas_when_asked() -> None:
+    scorer = FakeScorer()
+    engine = make_engine(FakeBackend(), scorer)
+    params = SBoNParams(n=1, lam=math.inf, score=False)
+    sampling = SamplingSettings(max_tokens=4, seed=8)
+    events = [e async for e in engine.stream("p", params, sampling, "r", token_stream=True)]
+    texts = [e.text_delta for e in events if isinstance(e, TextEvent)]
+    result = events[-1]
+    assert isinstance(result, SBoNResult) and len(texts) == 4
+    assert "".join(texts) == result.text and scorer.seen == []
+    block_events = [e for e in events if isinstance(e, BlockEvent)]
+    assert len(block_events) == 1 and block_events[0].text_delta == ""  # nothing sent twice
+    # The same request without token streaming gives the same text in one block event.
+    whole = await engine.run("p", params, sampling, "r")
+    assert whole.text == result.text and whole.token_ids == result.token_ids
+
+
+async def test_token_streaming_applies_only_to_plain_decoding() -> None:
+    engine = make_engine(FakeBackend())
+    events = [e async for e in engine.stream("p", SBoNParams(n=2), SamplingSettings(max_tokens=3),
+                                             "r", token_stream=True)]
+    assert not any(isinstance(e, TextEvent) for e in events)
