@@ -6,13 +6,15 @@ Token counts stay small: the CPU generates a few dozen tokens a second.
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
 import threading
 import time
 
 import httpx
 import pytest
-from live_server import LiveServer
+from live_server import REPO_ROOT, LiveServer, free_port, sbon_command
 
 pytestmark = pytest.mark.e2e
 
@@ -106,3 +108,13 @@ def test_metrics_move_and_health_is_ok(live_server: LiveServer) -> None:
 
     for phase in ("queue", "generation", "scoring", "selection", "total"):
         assert value(after, phase) == value(before, phase) + 1, phase
+
+
+def test_a_server_whose_model_cannot_load_exits_non_zero(tmp_path) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run(
+        [*sbon_command(), "serve", "--port", str(free_port()),
+         "--set", f"model.name={tmp_path / 'missing-model'}"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "failed to start" in done.stderr
