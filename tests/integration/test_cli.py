@@ -42,3 +42,22 @@ def test_generate_reports_a_bad_reward_name_cleanly() -> None:
                           timeout=120)
     assert done.returncode == 2
     assert "default_reward" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_generate_per_response_with_a_seed_is_reproducible(model_cache_dir: Path) -> None:
+    env = dict(os.environ, SBON_MODEL__CACHE_DIR=str(model_cache_dir), HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "server.cli", "generate", "Write a haiku about the sea.",
+               "--n", "4", "--lam", "0.5", "--max-tokens", "12", "--seed", "3", "--json",
+               "--config", str(REPO_ROOT / "config.yaml")]
+    outputs = []
+    for _ in range(2):
+        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs.append(json.loads(done.stdout))
+    first, second = outputs
+    assert len(first["blocks"]) == 1 and len(first["candidates"]) == 4
+    assert first["text"] == first["candidates"][first["chosen_index"]]["text"]
+    assert first["text"] == second["text"] and first["chosen_index"] == second["chosen_index"]
+    assert [c["reward"] for c in first["candidates"]] == pytest.approx(
+        [c["reward"] for c in second["candidates"]], abs=1e-4)
