@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from engine.selection import Normalization
 from reward.config import RewardConfig
@@ -102,6 +102,9 @@ class ServerConfig(BaseModel):
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = True
+    # When set, /v1/* requests need "Authorization: Bearer <api_key>". Give it through the
+    # environment (SBON_SERVER__API_KEY) rather than a file; it is never logged.
+    api_key: SecretStr | None = None
 
 
 class AppConfig(BaseModel):

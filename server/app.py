@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import re
 import time
@@ -23,7 +24,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.config import AppConfig, non_default_values
-from server.errors import Unavailable, error_response, install_error_handlers, to_api_error
+from server.errors import (
+    Unauthorized,
+    Unavailable,
+    error_response,
+    install_error_handlers,
+    to_api_error,
+)
 from server.metrics import CONTENT_TYPE, Metrics
 from server.protocol import (
     ChatCompletionRequest,
@@ -138,7 +145,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models", response_model=ModelList)
-    async def models() -> ModelList:
+    async def models(request: Request) -> ModelList:
+        _authorize(state, request)
         return ModelList(data=[ModelCard(id=state.config.model.public_name,
                                          created=state.started_at)])
 
@@ -151,7 +159,20 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return await _serve(state, body, request)
 
 
+def _authorize(state: ServerState, request: Request) -> None:
+    """With ``server.api_key`` set, /v1/* needs ``Authorization: Bearer <key>`` (401 else)."""
+    secret = state.config.server.api_key
+    if secret is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                             secret.get_secret_value().encode()):
+        raise Unauthorized("Incorrect or missing API key; send 'Authorization: Bearer <key>'.",
+                           None, "invalid_api_key")
+
+
 async def _serve(state: ServerState, body: AnyRequest, request: Request) -> Response:
+    _authorize(state, request)
     service = CompletionService(state.config, require_ready(state.runtime), state.metrics)
     plan = service.plan(body, request.state.request_id, request.state.arrived)
     release = state.admission.acquire()

@@ -44,6 +44,11 @@ class InvalidRequest(APIError):
     type = "invalid_request_error"
 
 
+class Unauthorized(APIError):
+    status = 401
+    type = "invalid_request_error"
+
+
 class NotFound(APIError):
     status = 404
     type = "invalid_request_error"

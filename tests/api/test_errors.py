@@ -149,3 +149,19 @@ def test_reward_failure_is_503_and_an_unexpected_one_is_a_generic_500(server_fac
                      500)
     assert error["type"] == "server_error" and "secret" not in error["message"]
     assert served.post("/v1/chat/completions", {**CHAT, "sbon": {"n": 1}}).status_code == 200
+
+
+def test_an_api_key_guards_the_v1_routes(server_factory, caplog) -> None:
+    served = server_factory(server={"api_key": "sk-local-42"})
+    error = error_of(served.post("/v1/chat/completions", CHAT), 401)
+    assert error["code"] == "invalid_api_key"
+    wrong = served.post("/v1/chat/completions", CHAT, headers={"Authorization": "Bearer nope"})
+    assert error_of(wrong, 401)["type"] == "invalid_request_error"
+    with pytest.raises(openai.AuthenticationError):
+        served.client().models.list()  # the client sends "unused"
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="sk-local-42", max_retries=0)
+    assert client.chat.completions.create(model="fake-model", messages=CHAT["messages"],
+                                          max_tokens=2).choices[0].message.content
+    assert [m.id for m in client.models.list().data] == ["fake-model"]
+    assert httpx.get(f"{served.url}/health").status_code == 200  # probes need no key
+    assert all("sk-local-42" not in str(vars(r)) for r in caplog.records)
