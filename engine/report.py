@@ -8,12 +8,13 @@ from typing import Any
 from engine.types import BlockRecord, SBoNResult
 
 
-def _number(value: float) -> float | str:
-    # JSON has no infinity; lambda = infinity is written as the string "inf".
+def json_number(value: float) -> float | str:
+    """JSON has no infinity; lambda = infinity is written as the string "inf"."""
     return "inf" if math.isinf(value) else value
 
 
-def block_to_dict(block: BlockRecord) -> dict[str, Any]:
+def block_summary(block: BlockRecord) -> dict[str, Any]:
+    """One selection step's numbers: the choice, rewards, weights and diagnostics."""
     return {
         "index": block.index,
         "chosen_index": block.chosen_index,
@@ -22,6 +23,12 @@ def block_to_dict(block: BlockRecord) -> dict[str, Any]:
         "ess": block.ess,
         "kl_from_uniform": block.kl_from_uniform,
         "kl_estimate": block.kl_estimate,
+    }
+
+
+def block_to_dict(block: BlockRecord) -> dict[str, Any]:
+    return {
+        **block_summary(block),
         "candidates": [
             {
                 "text": c.text,
@@ -49,7 +56,7 @@ def result_to_dict(result: SBoNResult) -> dict[str, Any]:
         "blocks": [block_to_dict(b) for b in result.blocks],
         "params": {
             "n": result.params.n,
-            "lambda": _number(result.params.lam),
+            "lambda": json_number(result.params.lam),
             "block_size": result.params.block_size,
             "normalize": result.params.normalize.value,
             "reward": result.reward_name,

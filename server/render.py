@@ -7,10 +7,10 @@ streaming code call these, so the non-streaming and streaming shapes cannot drif
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
+from engine.report import block_summary, json_number
 from engine.types import BlockRecord, SBoNResult
 
 Kind = str  # "completion" or "chat"
@@ -25,21 +25,8 @@ class ChoiceResult:
     result: SBoNResult
 
 
-def _number(value: float) -> float | str:
-    # JSON has no infinity: lambda = infinity is written "inf", as clients may send it.
-    return "inf" if math.isinf(value) else value
-
-
 def _block(block: BlockRecord, with_texts: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "index": block.index,
-        "chosen_index": block.chosen_index,
-        "rewards": block.rewards,
-        "weights": block.weights,
-        "ess": block.ess,
-        "kl_from_uniform": block.kl_from_uniform,
-        "kl_estimate": block.kl_estimate,
-    }
+    out = block_summary(block)
     if with_texts:
         out["candidates"] = [c.text for c in block.candidates]
     return out
@@ -50,7 +37,7 @@ def sbon_object(result: SBoNResult, return_candidates: bool) -> dict[str, Any]:
     params, final, d = result.params, result.final_block, result.diagnostics
     out: dict[str, Any] = {
         "n": params.n,
-        "lambda": _number(params.lam),
+        "lambda": json_number(params.lam),
         "block_size": params.block_size,
         "normalize": params.normalize.value,
         "reward": result.reward_name if params.score else None,
