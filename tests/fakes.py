@@ -7,6 +7,7 @@ import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
+from engine.sbon import SBoNEngine
 from engine.types import Candidate, SamplingSettings
 from reward.base import Prompt, prompt_as_text
 
@@ -91,3 +92,22 @@ class FakeScorer:
 
     async def close(self) -> None:
         return None
+
+
+@dataclass
+class FakeRuntime:
+    """The shape of ``engine.runtime.Runtime`` that the server and the measurements use."""
+
+    sbon: SBoNEngine
+    backend: FakeBackend
+    closed: bool = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def fake_runtime(backend: FakeBackend | None = None,
+                 scorers: dict[str, FakeScorer] | None = None) -> FakeRuntime:
+    backend = backend or FakeBackend()
+    scorers = scorers or {"fake": FakeScorer()}
+    return FakeRuntime(SBoNEngine(backend, scorers, next(iter(scorers))), backend)

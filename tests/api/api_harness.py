@@ -18,23 +18,11 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from fakes import FakeBackend, FakeScorer
+from fakes import FakeBackend, FakeRuntime, FakeScorer
 
 from engine.config import AppConfig
 from engine.sbon import SBoNEngine
 from server.app import ServerState, create_app
-
-
-@dataclass
-class FakeRuntime:
-    """The shape of ``engine.runtime.Runtime`` that the server uses."""
-
-    sbon: SBoNEngine
-    backend: FakeBackend
-    closed: bool = False
-
-    async def close(self) -> None:
-        self.closed = True
 
 
 @dataclass

@@ -5,6 +5,7 @@ Token counts stay small: the CPU generates a few dozen tokens a second.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -118,3 +119,22 @@ def test_a_server_whose_model_cannot_load_exits_non_zero(tmp_path) -> None:
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     assert "failed to start" in done.stderr
+
+
+def test_bench_against_the_running_server(live_server: LiveServer, tmp_path) -> None:
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [*sbon_command(), "bench", "--url", live_server.url, "--n", "2", "--max-tokens", "8",
+         "--block-sizes", "4", "--concurrency", "1", "--prompts", "2", "--out", str(out)],
+        cwd=REPO_ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert [r["method"] for r in report["runs"]] == ["plain", "per-response", "blockwise-4"]
+    assert report["target"] == live_server.url
+    plain = report["runs"][0]
+    for ratio in report["ratios"]:
+        run = next(r for r in report["runs"] if r["method"] == ratio["method"])
+        assert ratio["requests_per_s"] == pytest.approx(
+            run["requests_per_s"] / plain["requests_per_s"])
+        assert run["phase_mean_s"]["scoring"] > 0
+    assert (out / "bench.png").stat().st_size > 0 and "plain" in done.stdout
