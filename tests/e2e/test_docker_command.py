@@ -1,0 +1,66 @@
+"""The CPU image's exact command, run outside a container: healthy, answers, stops cleanly.
+
+ENTRYPOINT and CMD are read from docker/Dockerfile.cpu; only what a container provides is
+mapped: the config file's path inside the image, the prepared model's folder (the test
+cache), and a free port on the loopback interface instead of 0.0.0.0:8000.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from live_server import REPO_ROOT, LiveServer, free_port, sbon_command, stop, wait_healthy
+
+pytestmark = pytest.mark.e2e
+
+DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile.cpu"
+IMAGE_CONFIG = "/etc/sbon/config.yaml"
+
+
+def image_command() -> list[str]:
+    """ENTRYPOINT + CMD of the Dockerfile's last stage (exec form)."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    entry = re.findall(r"^ENTRYPOINT (\[.*\])$", text, re.MULTILINE)[-1]
+    command = re.findall(r"^CMD (\[.*\])$", text, re.MULTILINE)[-1]
+    return json.loads(entry) + json.loads(command)
+
+
+def image_config_source() -> Path:
+    """The repository file the Dockerfile copies to the image's config path."""
+    source = re.search(rf"^COPY (\S+) {re.escape(IMAGE_CONFIG)}$", DOCKERFILE.read_text(),
+                       re.MULTILINE)
+    assert source, "the CPU image copies its configuration"
+    return REPO_ROOT / source.group(1)
+
+
+def test_the_cpu_image_command_serves_a_chat_completion(model_cache_dir: Path,
+                                                        tmp_path: Path) -> None:
+    command = image_command()
+    assert command[:2] == ["sbon", "serve"]
+    command = [*sbon_command(), *command[1:]]
+    command = [str(image_config_source()) if part == IMAGE_CONFIG else part for part in command]
+    port = free_port()
+    env = dict(os.environ, SBON_MODEL__CACHE_DIR=str(model_cache_dir),
+               SBON_SERVER__HOST="127.0.0.1", SBON_SERVER__PORT=str(port),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # as the image's ENV sets them
+    log = tmp_path / "server.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=sink,
+                                   stderr=subprocess.STDOUT)
+    server = LiveServer(f"http://127.0.0.1:{port}", process, log)
+    try:
+        wait_healthy(server.url, process, log)
+        reply = server.client().chat.completions.create(
+            model="smollm2-135m-instruct", max_tokens=8,
+            messages=[{"role": "user", "content": "Say hello."}],
+            extra_body={"sbon": {"n": 2, "lambda": 0.5}})
+        assert reply.choices[0].message.content
+        assert reply.choices[0].model_extra["sbon"]["n"] == 2  # type: ignore[index]
+    finally:
+        code = stop(process)
+    assert code == 0, server.log_tail()
