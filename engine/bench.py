@@ -23,6 +23,8 @@ from engine.selection import select
 from engine.types import SamplingSettings, SBoNParams
 
 PLAIN, PER_RESPONSE, NAIVE = "plain", "per-response", "naive"
+METHOD_SEED_STRIDE = 100_000_007
+PROMPT_SEED_STRIDE = 1_009
 
 
 def blockwise(size: int) -> str:
@@ -48,10 +50,17 @@ class BenchSettings:
         names = [PLAIN, PER_RESPONSE, *(blockwise(b) for b in self.block_sizes)]
         return [*names, NAIVE] if self.naive else names
 
-    def sampling(self, prompt_index: int) -> SamplingSettings:
-        # One seed per prompt, the same for every method: all methods see comparable draws.
+    def sampling(self, prompt_index: int, method: str) -> SamplingSettings:
+        """Seeds of their own per prompt and method.
+
+        The engine gives the k-th sample of a request seeded s the seed s + k, so methods
+        sharing seeds would draw the same candidates, and a later method would find the
+        earlier one's reward queries in the prefix cache: a measurement artefact.
+        """
+        offset = (self.methods().index(method) + 1) * METHOD_SEED_STRIDE \
+            if method in self.methods() else 0
         return SamplingSettings(temperature=self.temperature, max_tokens=self.max_tokens,
-                                seed=self.seed + prompt_index)
+                                seed=self.seed + offset + prompt_index * PROMPT_SEED_STRIDE)
 
     def params(self, method: str) -> SBoNParams:
         size = int(method.rsplit("-", 1)[1]) if method.startswith("blockwise-") else None
@@ -210,6 +219,11 @@ class InProcessTarget:
         self.prompt_ids = [runtime.backend.encode_prompt(p.prompt) for p in prompts]
         self.name = "in-process"
 
+    async def reset_prefix_cache(self) -> None:
+        reset = getattr(self.runtime.backend, "reset_prefix_cache", None)
+        if reset is not None:
+            await reset()
+
     def supports(self, method: str) -> bool:
         return True
 
@@ -221,10 +235,11 @@ class InProcessTarget:
         return lambda index, rid: self._sbon(method, index, rid)
 
     async def _plain(self, index: int, request_id: str) -> Sample:
+        sampling = self.settings.sampling(index, PLAIN)
         started = time.perf_counter()
         candidates = await self.runtime.backend.generate(
-            self.prompt_ids[index], self.settings.n, self.settings.sampling(index),
-            self.settings.max_tokens, request_id, self.settings.sampling(index).seed)
+            self.prompt_ids[index], self.settings.n, sampling, self.settings.max_tokens,
+            request_id, sampling.seed)
         elapsed = time.perf_counter() - started
         tokens = sum(c.num_tokens for c in candidates)
         return Sample(elapsed, tokens, tokens, generation_s=elapsed)
@@ -233,7 +248,7 @@ class InProcessTarget:
         started = time.perf_counter()
         result = await self.runtime.sbon.run(
             self.prompts[index].prompt, self.settings.params(method),
-            self.settings.sampling(index), request_id, self.prompt_ids[index])
+            self.settings.sampling(index, method), request_id, self.prompt_ids[index])
         return Sample(time.perf_counter() - started, result.tokens_generated,
                       result.completion_tokens, result.timings["generation"],
                       result.timings["scoring"], result.timings["selection"])
@@ -241,10 +256,11 @@ class InProcessTarget:
     async def _naive(self, index: int, request_id: str) -> Sample:
         """n single-sample requests, then one reward call per candidate, in turn."""
         settings, prompt = self.settings, self.prompts[index].prompt
-        seed = settings.sampling(index).seed or 0
+        sampling = settings.sampling(index, NAIVE)
+        seed = sampling.seed or 0
         started = time.perf_counter()
         singles = await asyncio.gather(*(
-            self.runtime.backend.generate(self.prompt_ids[index], 1, settings.sampling(index),
+            self.runtime.backend.generate(self.prompt_ids[index], 1, sampling,
                                           settings.max_tokens, f"{request_id}-{i}", seed + i)
             for i in range(settings.n)))
         generated = time.perf_counter()
@@ -268,15 +284,26 @@ async def run_bench(target: BenchTarget, settings: BenchSettings,
     report = BenchReport(settings, target.name)
     methods = [m for m in settings.methods() if target.supports(m)]
     tick = progress or (lambda _: None)
-    for method in methods:  # the first request of a new shape is slow: keep it out
-        await target.request_fn(method)(0, f"warm-{method}")
-        tick(1)
+    # The first request of a new shape is slow: keep it out (on a prompt outside the timed set
+    # when there is one, so that the timed requests find nothing of it in the prefix cache).
     count = min(settings.prompts, len(target.prompts))
+    warm_index = count if len(target.prompts) > count else 0
+    for method in methods:
+        await target.request_fn(method)(warm_index, f"warm-{method}")
+        tick(1)
     for concurrency in settings.concurrency:
         for method in methods:
+            await _reset_prefix_cache(target)
             report.runs.append(await run_method(target.request_fn(method), count, concurrency,
                                                 method, lambda: tick(1)))
     return report
+
+
+async def _reset_prefix_cache(target: Any) -> None:
+    """Start each method with an empty prefix cache, so no method reuses another's work."""
+    reset = getattr(target, "reset_prefix_cache", None)
+    if reset is not None:
+        await reset()
 
 
 def render_table(report: BenchReport) -> str:

@@ -42,8 +42,9 @@ class HTTPTarget:
             return self._plain
         return lambda index, rid: self._sbon(method, index, rid)
 
-    def _body(self, index: int, sbon: dict[str, Any], choices: int = 1) -> dict[str, Any]:
-        sampling = self.settings.sampling(index)
+    def _body(self, index: int, method: str, sbon: dict[str, Any],
+              choices: int = 1) -> dict[str, Any]:
+        sampling = self.settings.sampling(index, method)
         return {"model": self.model, "messages": self.prompts[index].as_messages(),
                 "max_tokens": sampling.max_tokens, "temperature": sampling.temperature,
                 "seed": sampling.seed, "n": choices, "sbon": sbon}
@@ -58,7 +59,7 @@ class HTTPTarget:
         return elapsed, response.json()
 
     async def _plain(self, index: int, request_id: str) -> Sample:
-        elapsed, reply = await self._post(self._body(index, {"n": 1}, self.settings.n),
+        elapsed, reply = await self._post(self._body(index, PLAIN, {"n": 1}, self.settings.n),
                                           request_id)
         tokens = int(reply["usage"]["completion_tokens"])
         return Sample(elapsed, tokens, tokens, generation_s=elapsed)
@@ -69,7 +70,7 @@ class HTTPTarget:
         sbon: dict[str, Any] = {"n": params.n, "lambda": lam, "block_size": params.block_size}
         if params.reward:
             sbon["reward"] = params.reward
-        elapsed, reply = await self._post(self._body(index, sbon), request_id)
+        elapsed, reply = await self._post(self._body(index, method, sbon), request_id)
         info = reply["choices"][0]["sbon"]
         timings = info["timings_s"]
         return Sample(elapsed, int(info["tokens_generated"]),

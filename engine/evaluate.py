@@ -42,9 +42,14 @@ class EvalSettings:
     seed: int = 0
     reward: str | None = None
 
-    def sampling(self, prompt_index: int) -> SamplingSettings:
+    def sampling(self, prompt_index: int, stream: int = 0) -> SamplingSettings:
+        """Seeds per prompt; ``stream`` k > 0 gives draws independent of the pool's.
+
+        The engine seeds the k-th sample of a request seeded s with s + k, so a blockwise
+        run seeded like the pool would start with the pool's own first blocks.
+        """
         return SamplingSettings(temperature=self.temperature, max_tokens=self.max_tokens,
-                                seed=self.seed + prompt_index)
+                                seed=self.seed + prompt_index * 1_009 + stream * 100_000_007)
 
     def check(self) -> None:
         """Refuse a grid the pool cannot serve: every draw needs n + 1 distinct samples."""
@@ -163,7 +168,7 @@ async def blockwise_draw(runtime: Any, item: PromptItem, index: int, pool: Pool,
     """One real blockwise run, compared with every pool sample (a lower-variance win rate)."""
     params = SBoNParams(n=settings.soft_n, lam=settings.blockwise_lam, block_size=block_size,
                         reward=settings.reward)
-    result = await runtime.sbon.run(item.prompt, params, settings.sampling(index),
+    result = await runtime.sbon.run(item.prompt, params, settings.sampling(index, block_size),
                                     f"eval-block{block_size}-{index}")
     reward = result.final_block.chosen.reward
     d = result.diagnostics

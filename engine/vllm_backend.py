@@ -220,6 +220,12 @@ class VLLMBackend:
         yield Candidate(tuple(token_ids), "".join(text), last.cumulative_logprob,
                         last.finish_reason, last.stop_reason)
 
+    async def reset_prefix_cache(self) -> bool:
+        """Drop the engine's cached prefixes (used between benchmark methods)."""
+        if self._engine is None:
+            return False
+        return bool(await self._engine.reset_prefix_cache())
+
     async def abort(self, request_ids: Sequence[str]) -> None:
         if self._engine is not None and request_ids:
             await self._engine.abort(list(request_ids))

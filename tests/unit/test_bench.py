@@ -92,3 +92,30 @@ def test_percentile_interpolates_like_numpy() -> None:
     for q in (0, 25, 50, 90, 95, 100):
         assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
     assert math.isnan(percentile([], 50))
+
+
+async def test_methods_draw_their_own_samples_from_an_empty_prefix_cache() -> None:
+    class CountingBackend(FakeBackend):
+        resets: int = 0
+
+        async def reset_prefix_cache(self) -> bool:
+            self.resets += 1
+            return True
+
+    backend = CountingBackend(delay_s=0.0)
+    runtime = fake_runtime(backend, {"fake": FakeScorer()})
+    target = InProcessTarget(runtime, load_prompts(None, 3), SETTINGS)
+    report = await run_bench(target, SETTINGS)
+    assert backend.resets == len(report.runs)  # one empty cache per timed method
+    seeds: dict[str, set[int | None]] = {}
+    for call in backend.calls:
+        method = call.request_id.split("-")[1]
+        seeds.setdefault(method, set()).add(call.seed)
+    methods = list(seeds)
+    for i, first in enumerate(methods):
+        for second in methods[i + 1:]:
+            assert not seeds[first] & seeds[second], (first, second)
+    outside = target.prompt_ids[2]
+    warm = {c.prompt_token_ids[:len(outside)] == outside for c in backend.calls
+            if c.request_id.startswith("warm-")}
+    assert warm == {True}  # warm-ups use a prompt outside the timed set
