@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -63,4 +64,10 @@ def test_the_cpu_image_command_serves_a_chat_completion(model_cache_dir: Path,
         assert reply.choices[0].model_extra["sbon"]["n"] == 2  # type: ignore[index]
     finally:
         code = stop(process)
-    assert code == 0, server.log_tail()
+    # uvicorn finishes its graceful shutdown, then re-raises the SIGTERM it caught: outside a
+    # container the status is -SIGTERM; as a container's PID 1 (where a signal without a
+    # handler does nothing) the same process exits with 0.
+    assert code in (0, -signal.SIGTERM), server.log_tail()
+    log = server.log.read_text(errors="replace")
+    assert "Application shutdown complete" in log, server.log_tail()
+    assert "Traceback" not in log, server.log_tail()
