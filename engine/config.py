@@ -62,6 +62,8 @@ class EngineConfig(BaseModel):
     distributed_executor_backend: Literal["mp", "ray", "uni", "external_launcher"] | None = None
     max_num_seqs: int | None = Field(default=None, ge=1)
     max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    # None = vLLM's default, except on the CPU backend, where it is off (see vllm_backend).
+    enable_chunked_prefill: bool | None = None
     seed: int = 0
     extra_args: dict[str, Any] = Field(default_factory=dict)  # any other AsyncEngineArgs field
 

@@ -57,8 +57,28 @@ def engine_args_kwargs(config: AppConfig, model_path: str) -> dict[str, Any]:
         kwargs["max_num_seqs"] = engine.max_num_seqs
     if engine.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = engine.max_num_batched_tokens
+    chunked = engine.enable_chunked_prefill
+    if chunked is None and _on_cpu():
+        # vLLM's CPU worker cannot rewind a seeded request's random generator after a partial
+        # prefill ("CPU Generator does not use offset"): the engine dies as soon as a seeded
+        # request's prompt is split across steps under load. Whole prefills avoid it.
+        chunked = False
+    if chunked is not None:
+        kwargs["enable_chunked_prefill"] = chunked
+    if chunked is False:
+        # Without chunking every prompt must fit in one step.
+        kwargs["max_num_batched_tokens"] = max(engine.max_num_batched_tokens or 0,
+                                               engine.max_model_len)
     kwargs.update(engine.extra_args)
     return kwargs
+
+
+def _on_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return False
+    return bool(current_platform.is_cpu())
 
 
 def build_engine_args(config: AppConfig, model_path: str) -> Any:

@@ -37,3 +37,18 @@ def test_extra_engine_arguments_pass_through() -> None:
     kwargs = engine_args_kwargs(config, "m")
     assert kwargs["max_num_seqs"] == 7 and kwargs["swap_space"] == 1
     assert "distributed_executor_backend" not in kwargs  # vLLM chooses when not configured
+
+
+def test_chunked_prefill_is_off_on_the_cpu_and_configurable(monkeypatch) -> None:
+    import engine.vllm_backend as backend
+
+    config = load_config(None, ["engine.max_model_len=4096"], environ={})
+    monkeypatch.setattr(backend, "_on_cpu", lambda: True)
+    kwargs = engine_args_kwargs(config, "m")
+    assert kwargs["enable_chunked_prefill"] is False
+    assert kwargs["max_num_batched_tokens"] >= 4096  # every prompt fits one step
+    monkeypatch.setattr(backend, "_on_cpu", lambda: False)
+    assert "enable_chunked_prefill" not in engine_args_kwargs(config, "m")  # vLLM decides
+    forced = load_config(None, ["engine.enable_chunked_prefill=true"], environ={})
+    monkeypatch.setattr(backend, "_on_cpu", lambda: True)
+    assert engine_args_kwargs(forced, "m")["enable_chunked_prefill"] is True
