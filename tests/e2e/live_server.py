@@ -75,6 +75,15 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 60) -> int:
     return int(process.returncode)
 
 
+def launch(command: list[str], port: int, env: dict[str, str], cwd: Path,
+           log: Path) -> LiveServer:
+    """Start a server process with its output in ``log``."""
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=sink,
+                                   stderr=subprocess.STDOUT)
+    return LiveServer(f"http://127.0.0.1:{port}", process, log)
+
+
 def sbon_command() -> list[str]:
     installed = shutil.which("sbon", path=str(Path(sys.executable).parent))
     return [installed] if installed else [sys.executable, "-m", "server.cli"]
@@ -89,12 +98,9 @@ def live_server(model_cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
                SBON_ENGINE__MAX_MODEL_LEN="1024", SBON_LIMITS__MAX_CONCURRENT_REQUESTS="4")
     command = [*sbon_command(), "serve", "--config", str(REPO_ROOT / "config.yaml"),
                "--host", "127.0.0.1", "--port", str(port)]
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=sink,
-                                   stderr=subprocess.STDOUT)
-    server = LiveServer(f"http://127.0.0.1:{port}", process, log)
+    server = launch(command, port, env, REPO_ROOT, log)
     try:
-        wait_healthy(server.url, process, log)
+        wait_healthy(server.url, server.process, log)
         yield server
     finally:
-        stop(process)
+        stop(server.process)

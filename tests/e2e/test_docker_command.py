@@ -11,11 +11,10 @@ import json
 import os
 import re
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
-from live_server import REPO_ROOT, LiveServer, free_port, sbon_command, stop, wait_healthy
+from live_server import REPO_ROOT, free_port, launch, sbon_command, stop, wait_healthy
 
 pytestmark = pytest.mark.e2e
 
@@ -49,13 +48,10 @@ def test_the_cpu_image_command_serves_a_chat_completion(model_cache_dir: Path,
     env = dict(os.environ, SBON_MODEL__CACHE_DIR=str(model_cache_dir),
                SBON_SERVER__HOST="127.0.0.1", SBON_SERVER__PORT=str(port),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # as the image's ENV sets them
-    log = tmp_path / "server.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=sink,
-                                   stderr=subprocess.STDOUT)
-    server = LiveServer(f"http://127.0.0.1:{port}", process, log)
+    server = launch(command, port, env, tmp_path, tmp_path / "server.log")
+    process = server.process
     try:
-        wait_healthy(server.url, process, log)
+        wait_healthy(server.url, process, server.log)
         reply = server.client().chat.completions.create(
             model="smollm2-135m-instruct", max_tokens=8,
             messages=[{"role": "user", "content": "Say hello."}],
