@@ -60,6 +60,9 @@ def test_streaming_chat_and_completions(live_server: LiveServer) -> None:
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens > 0
+    plain = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=8, stream=True)  # type: ignore[arg-type]
+    assert "".join(c.choices[0].delta.content or "" for c in plain if c.choices)
     completion = client.completions.create(
         model=MODEL, prompt="The sea is", max_tokens=8, stream=True, seed=3,
         extra_body={"sbon": {"n": 2}})
