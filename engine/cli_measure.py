@@ -43,9 +43,12 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
-def _lambda(text: str) -> float:
-    (value,) = _floats(text)
-    return value
+def lambda_arg(text: str) -> float:
+    """One selection temperature: a number >= 0, or 'inf' / 'off'."""
+    values = _floats(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError("give one lambda")
+    return values[0]
 
 
 def add_measure_commands(
@@ -56,7 +59,7 @@ def add_measure_commands(
     add_config_args(bench)
     bench.add_argument("--url", help="measure a running server instead of an in-process engine")
     bench.add_argument("--n", type=int, default=4, help="candidates per selection")
-    bench.add_argument("--lam", type=_lambda, default=1.0,
+    bench.add_argument("--lam", type=lambda_arg, default=1.0,
                        help="selection temperature ('inf' = base model)")
     bench.add_argument("--max-tokens", type=int, default=64)
     bench.add_argument("--block-sizes", type=_ints, default=(16, 32),
@@ -78,7 +81,7 @@ def add_measure_commands(
     evaluate.add_argument("--soft-n", type=int, default=8, help="n of the soft and blockwise runs")
     evaluate.add_argument("--block-sizes", type=_ints, default=(16,))
     evaluate.add_argument("--no-blockwise", action="store_true")
-    evaluate.add_argument("--blockwise-lam", type=_lambda, default=1.0)
+    evaluate.add_argument("--blockwise-lam", type=lambda_arg, default=1.0)
     evaluate.add_argument("--pool", type=int, default=16, help="base samples per prompt")
     evaluate.add_argument("--draws", type=int, default=200, help="selections per prompt")
     evaluate.add_argument("--prompts", type=int, default=16)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from engine.promptset import PromptItem
-from engine.selection import kl_bon_bound, kl_bon_estimate, select, win_rate_bound
+from engine.selection import kl_bon_bound, kl_bon_estimate_from_logprob, select, win_rate_bound
 from engine.types import SamplingSettings, SBoNParams
 
 BON, SOFT, BLOCKWISE = "best-of-n", "soft best-of-n", "blockwise"
@@ -128,13 +128,6 @@ class SettingResult:
         }
 
 
-def estimate(n: int, logprob: float | None) -> float:
-    """D(eps) of Beirami et al. [KL] for the chosen sample's base probability eps."""
-    if logprob is None or n == 1:
-        return 0.0 if n == 1 else kl_bon_bound(n)
-    return kl_bon_estimate(n, math.exp(min(0.0, logprob)))
-
-
 def draw_from_pool(pool: Pool, n: int, lam: float, draws: int, rng: random.Random) -> list[Draw]:
     """``draws`` soft best-of-n selections of n pool members, each against one more member."""
     if len(pool.rewards) < n + 1:
@@ -146,7 +139,7 @@ def draw_from_pool(pool: Pool, n: int, lam: float, draws: int, rng: random.Rando
         selection = select([pool.rewards[i] for i in candidates], lam, rng)
         chosen = candidates[selection.chosen_index]
         out.append(Draw(pool.rewards[chosen], pool.rewards[base], selection.kl_from_uniform,
-                        estimate(n, pool.logprobs[chosen]), kl_bon_bound(n)))
+                        kl_bon_estimate_from_logprob(n, pool.logprobs[chosen]), kl_bon_bound(n)))
     return out
 
 

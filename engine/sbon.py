@@ -8,7 +8,6 @@ blocks chosen so far), scores prefix+block and stops at end of sequence, at a st
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -18,7 +17,7 @@ from engine.backend import GenerationBackend
 from engine.seeds import block_seed
 from engine.selection import (
     kl_bon_bound,
-    kl_bon_estimate,
+    kl_bon_estimate_from_logprob,
     select,
     win_rate_bound,
 )
@@ -224,7 +223,7 @@ class SBoNEngine:
             chosen_index=selection.chosen_index,
             ess=selection.ess,
             kl_from_uniform=selection.kl_from_uniform,
-            kl_estimate=_kl_estimate(params.n, chosen),
+            kl_estimate=kl_bon_estimate_from_logprob(params.n, chosen.cumulative_logprob),
             generation_s=generated - started,
             scoring_s=scored - generated,
             selection_s=selected - scored,
@@ -293,13 +292,6 @@ class SBoNEngine:
             tokens_scored=state.tokens_scored,
             timings=timings,
         )
-
-
-def _kl_estimate(n: int, chosen: Candidate) -> float:
-    """D(eps) of Beirami et al. with eps the base probability of the chosen candidate."""
-    if chosen.cumulative_logprob is None or math.isnan(chosen.cumulative_logprob):
-        return kl_bon_bound(n)
-    return kl_bon_estimate(n, math.exp(min(0.0, chosen.cumulative_logprob)))
 
 
 def _scored(candidate: Candidate, reward: float, weight: float) -> ScoredCandidate:

@@ -151,6 +151,17 @@ def kl_bon_estimate(n: int, eps: float) -> float:
     return min(max(value, 0.0), kl_bon_bound(n))
 
 
+def kl_bon_estimate_from_logprob(n: int, logprob: float | None) -> float:
+    """D(eps) with eps = exp(logprob), the chosen sample's base log-probability [KL].
+
+    Without a log-probability (None or NaN) the bound log n - (n-1)/n is returned, the value
+    D tends to as eps -> 0.
+    """
+    if logprob is None or math.isnan(logprob):
+        return kl_bon_bound(n)
+    return kl_bon_estimate(n, math.exp(min(0.0, logprob)))
+
+
 def win_rate_bound(n: int) -> float:
     """Best-of-n against one base sample wins at most n / (n + 1) of the time [BBN, KL]."""
     return n / (n + 1)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import sys
 import uuid
@@ -17,15 +16,6 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIG_NAME = "config.yaml"
-
-
-def _lambda(text: str) -> float:
-    if text.strip().lower() in {"inf", "infinity", "off", "none"}:
-        return math.inf
-    value = float(text)
-    if value < 0 or math.isnan(value):
-        raise argparse.ArgumentTypeError("lambda must be >= 0 (or 'inf')")
-    return value
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +41,8 @@ def load_app_config(args: argparse.Namespace, extra: list[str] | None = None) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.cli_measure import add_measure_commands, lambda_arg
+
     parser = argparse.ArgumentParser(prog="sbon", description="Soft best-of-n decoding on vLLM.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -63,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(gen)
     gen.add_argument("prompt")
     gen.add_argument("--n", type=int, help="number of candidates")
-    gen.add_argument("--lam", type=_lambda, help="selection temperature (0 = best-of-n, inf = off)")
+    gen.add_argument("--lam", type=lambda_arg,
+                     help="selection temperature (0 = best-of-n, inf = off)")
     gen.add_argument("--block-size", type=int, help="tokens per block (omit: whole response)")
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=1.0)
@@ -77,8 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = sub.add_parser("prepare-model", help="prepare the embedded default model's folder")
     _add_config_args(prep)
-
-    from engine.cli_measure import add_measure_commands
 
     add_measure_commands(sub, _add_config_args)
     return parser

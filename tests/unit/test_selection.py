@@ -13,6 +13,7 @@ from engine.selection import (
     effective_sample_size,
     kl_bon_bound,
     kl_bon_estimate,
+    kl_bon_estimate_from_logprob,
     kl_budget_lambda,
     kl_from_uniform,
     normalize_rewards,
@@ -145,3 +146,11 @@ def test_select_reports_its_weights_and_diagnostics() -> None:
     assert sum(selection.weights) == pytest.approx(1.0)
     assert selection.ess == pytest.approx(effective_sample_size(selection.weights))
     assert 0.0 <= selection.kl_from_uniform <= math.log(2)
+
+
+def test_the_estimator_from_a_log_probability() -> None:
+    assert kl_bon_estimate_from_logprob(8, math.log(0.3)) == pytest.approx(kl_bon_estimate(8, 0.3))
+    assert kl_bon_estimate_from_logprob(8, None) == kl_bon_bound(8)  # unknown eps: the bound
+    assert kl_bon_estimate_from_logprob(8, math.nan) == kl_bon_bound(8)
+    assert kl_bon_estimate_from_logprob(8, 0.5) == 0.0  # rounding above 0 means eps = 1
+    assert kl_bon_estimate_from_logprob(1, -3.0) == 0.0
