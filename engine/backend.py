@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
+from common.prompts import Prompt
 from engine.types import Candidate, SamplingSettings
-from reward.base import Prompt
 
 
 class BackendError(RuntimeError):
@@ -56,10 +56,6 @@ class GenerationBackend(Protocol):
 
         Plain decoding (one candidate, nothing to select) streams through this.
         """
-        ...
-
-    async def abort(self, request_ids: Sequence[str]) -> None:
-        """Stop the named requests; unknown ids are ignored."""
         ...
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:

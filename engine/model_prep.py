@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.config import EMBEDDED_MODEL, ModelConfig
+from common.config import EMBEDDED_MODEL, ModelConfig
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from engine.config import AppConfig
+from common.config import AppConfig
 from engine.sbon import SBoNEngine
 from engine.vllm_backend import VLLMBackend
 from reward.base import RewardScorer

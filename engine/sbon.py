@@ -1,9 +1,9 @@
 """The soft best-of-n decoding loop: generate n, score, select, append, repeat.
 
 Per-response mode is the loop with one block as long as ``max_tokens``. Blockwise mode
-[SBoN, section on sequences] continues from the token ids of the prefix (prompt plus the
-blocks chosen so far), scores prefix+block and stops at end of sequence, at a stop string
-(also one that spans two blocks) or at ``max_tokens``.
+(docs/maths.md, "Blockwise mode") continues from the token ids of the prefix (prompt plus
+the blocks chosen so far), scores prefix+block and stops at end of sequence, at a stop
+string (also one that spans two blocks) or at ``max_tokens``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from common.prompts import Prompt
 from engine.backend import GenerationBackend
 from engine.seeds import block_seed
 from engine.selection import (
@@ -32,7 +33,7 @@ from engine.types import (
     ScoredCandidate,
     TextEvent,
 )
-from reward.base import Prompt, RewardScorer
+from reward.base import RewardScorer
 
 
 class UnknownRewardError(KeyError):
@@ -40,16 +41,61 @@ class UnknownRewardError(KeyError):
 
 
 @dataclass
-class _State:
-    """Mutable progress of one request through its blocks."""
+class _Request:
+    """Everything one request carries through its blocks: inputs, scorer, rng, progress."""
 
+    prompt: Prompt
+    params: SBoNParams
+    sampling: SamplingSettings
+    request_id: str
+    reward_name: str
+    scorer: RewardScorer
+    rng: random.Random
     prompt_ids: list[int]
-    response_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of ``text`` already streamed
     tokens_generated: int = 0
     tokens_scored: int = 0
     finish_reason: str | None = None
+    blocks: list[BlockRecord] = field(default_factory=list)
+
+    @property
+    def block_index(self) -> int:
+        """Index of the block being generated now."""
+        return len(self.blocks)
+
+    def engine_request_id(self) -> str:
+        return f"{self.request_id}-b{self.block_index}"
+
+
+def finish_reason(
+    block_finish: str | None,
+    *,
+    blockwise: bool,
+    stop_string_found: bool,
+    response_tokens: int,
+    max_tokens: int,
+    context_full: bool,
+    block_empty: bool,
+) -> str | None:
+    """Why a response ends after its newest block, or None when another block follows.
+
+    One rule, in order: the engine stopped the block (end of sequence or a stop string
+    inside the block), or a stop string spans blocks -> ``stop``; per-response mode ends
+    with its single block, as the engine ended it; a blockwise response that reached
+    ``max_tokens`` or the model's context -> ``length``; a block with no tokens (nothing
+    more to say) -> ``stop``.
+    """
+    if block_finish == "stop" or stop_string_found:
+        return "stop"
+    if not blockwise:
+        return block_finish or "length"
+    if response_tokens >= max_tokens or context_full:
+        return "length"
+    if block_empty:
+        return "stop"
+    return None
 
 
 def held_back(text: str, stops: Sequence[str]) -> int:
@@ -100,21 +146,13 @@ class SBoNEngine:
             raise UnknownRewardError(key)
         return key, self.scorers[key]
 
-    async def run(
-        self,
-        prompt: Prompt,
-        params: SBoNParams,
-        sampling: SamplingSettings,
-        request_id: str,
-        prompt_ids: Sequence[int] | None = None,
-    ) -> SBoNResult:
+    async def run(self, prompt: Prompt, params: SBoNParams, sampling: SamplingSettings,
+                  request_id: str, prompt_ids: Sequence[int] | None = None) -> SBoNResult:
         """Run a request to the end and return its result."""
-        result: SBoNResult | None = None
         async for event in self.stream(prompt, params, sampling, request_id, prompt_ids):
             if isinstance(event, SBoNResult):
-                result = event
-        assert result is not None  # stream always ends with the result
-        return result
+                return event
+        raise RuntimeError("the soft best-of-n stream ended without its result")
 
     async def stream(
         self,
@@ -132,92 +170,68 @@ class SBoNEngine:
         """
         reward_name, scorer = self.scorer_for(params.reward)
         ids = list(prompt_ids) if prompt_ids is not None else self.backend.encode_prompt(prompt)
-        state = _State(prompt_ids=ids, response_ids=[])
         rng = random.Random(sampling.seed) if sampling.seed is not None else random.Random()
+        request = _Request(prompt, params, sampling, request_id, reward_name, scorer, rng, ids)
         plain = token_stream and params.n == 1 and not params.score and not params.blockwise
-        blocks: list[BlockRecord] = []
-        while state.finish_reason is None:
-            if plain:
-                steps = self._plain_step(prompt, params, sampling, request_id, scorer, state, rng)
-            else:
-                steps = self._one_step(prompt, params, sampling, request_id, scorer, state, rng,
-                                       len(blocks))
+        while request.finish_reason is None:
+            steps = self._plain_step(request) if plain else self._step(request)
             async for item in steps:
                 if isinstance(item, TextEvent):
                     yield item
                 else:
-                    blocks.append(item)
-            delta = self._append(blocks[-1].chosen, params, sampling, state)
-            finished = state.finish_reason is not None
-            yield BlockEvent(block=blocks[-1], text_delta=delta, finished=finished)
-        yield self._result(params, reward_name, blocks, state)
+                    request.blocks.append(item)
+            delta = self._append(request)
+            yield BlockEvent(block=request.blocks[-1], text_delta=delta,
+                             finished=request.finish_reason is not None)
+        yield self._result(request)
 
-    async def _one_step(self, prompt: Prompt, params: SBoNParams, sampling: SamplingSettings,
-                        request_id: str, scorer: RewardScorer, state: _State,
-                        rng: random.Random, index: int) -> AsyncIterator[BlockRecord]:
-        yield await self._step(prompt, params, sampling, request_id, scorer, state, rng, index)
+    async def _step(self, request: _Request) -> AsyncIterator[BlockRecord]:
+        """One block: n candidates from the prefix, scored and one of them drawn."""
+        sampling, params = request.sampling, request.params
+        remaining = sampling.max_tokens - len(request.response_ids)
+        size = min(params.block_size or remaining, remaining)
+        started = time.perf_counter()
+        candidates = await self.backend.generate(
+            request.prompt_ids + request.response_ids, params.n, sampling, size,
+            request.engine_request_id(), block_seed(sampling.seed, request.block_index))
+        yield await self._select(request, candidates, started)
 
-    async def _plain_step(self, prompt: Prompt, params: SBoNParams, sampling: SamplingSettings,
-                          request_id: str, scorer: RewardScorer, state: _State,
-                          rng: random.Random) -> AsyncIterator[TextEvent | BlockRecord]:
+    async def _plain_step(self, request: _Request) -> AsyncIterator[TextEvent | BlockRecord]:
         """The single block of plain decoding, streamed token by token."""
         started = time.perf_counter()
+        sampling = request.sampling
         candidate: Candidate | None = None
         async for item in self.backend.generate_stream(
-                state.prompt_ids, sampling, sampling.max_tokens, f"{request_id}-b0",
+                request.prompt_ids, sampling, sampling.max_tokens, request.engine_request_id(),
                 block_seed(sampling.seed, 0)):
             if isinstance(item, Candidate):
                 candidate = item
             else:
-                state.emitted += len(item)  # already sent: the block event releases no text
+                request.emitted += len(item)  # already sent: the block event releases no text
                 yield TextEvent(item)
         if candidate is None:
             raise RuntimeError("the backend's stream ended without its candidate")
-        yield await self._select(prompt, params, scorer, state, rng, 0, [candidate], started)
+        yield await self._select(request, [candidate], started)
 
-    async def _step(
-        self,
-        prompt: Prompt,
-        params: SBoNParams,
-        sampling: SamplingSettings,
-        request_id: str,
-        scorer: RewardScorer,
-        state: _State,
-        rng: random.Random,
-        index: int,
-    ) -> BlockRecord:
-        remaining = sampling.max_tokens - len(state.response_ids)
-        size = min(params.block_size or remaining, remaining)
-        started = time.perf_counter()
-        candidates = await self.backend.generate(
-            state.prompt_ids + state.response_ids,
-            params.n,
-            sampling,
-            size,
-            f"{request_id}-b{index}",
-            block_seed(sampling.seed, index),
-        )
-        return await self._select(prompt, params, scorer, state, rng, index, candidates, started)
-
-    async def _select(self, prompt: Prompt, params: SBoNParams, scorer: RewardScorer,
-                      state: _State, rng: random.Random, index: int,
-                      candidates: list[Candidate], started: float) -> BlockRecord:
+    async def _select(self, request: _Request, candidates: list[Candidate],
+                      started: float) -> BlockRecord:
         """Score the block's candidates (prefix + block), draw one, and record the step."""
+        params = request.params
         generated = time.perf_counter()
-        responses = [state.text + c.text for c in candidates]
         if params.score:
-            rewards = await scorer.score([prompt] * len(candidates), responses)
+            responses = [request.text + c.text for c in candidates]
+            rewards = await request.scorer.score([request.prompt] * len(candidates), responses)
+            request.tokens_scored += sum(len(request.response_ids) + c.num_tokens
+                                         for c in candidates)
         else:
             rewards = [0.0] * len(candidates)
         scored = time.perf_counter()
-        selection = select(rewards, params.lam, rng, params.normalize)
+        selection = select(rewards, params.lam, request.rng, params.normalize)
         chosen = candidates[selection.chosen_index]
         selected = time.perf_counter()
-        state.tokens_generated += sum(c.num_tokens for c in candidates)
-        if params.score:
-            state.tokens_scored += sum(len(state.response_ids) + c.num_tokens for c in candidates)
+        request.tokens_generated += sum(c.num_tokens for c in candidates)
         return BlockRecord(
-            index=index,
+            index=request.block_index,
             candidates=[_scored(c, r, w) for c, r, w in zip(candidates, rewards,
                                                             selection.weights, strict=True)],
             chosen_index=selection.chosen_index,
@@ -229,43 +243,34 @@ class SBoNEngine:
             selection_s=selected - scored,
         )
 
-    def _append(
-        self,
-        chosen: ScoredCandidate,
-        params: SBoNParams,
-        sampling: SamplingSettings,
-        state: _State,
-    ) -> str:
-        """Append the chosen block to the response; return the text it releases."""
-        before = len(state.text)
-        state.response_ids.extend(chosen.token_ids)
-        state.text += chosen.text
-        if chosen.finish_reason == "stop":
-            state.finish_reason = "stop"
-        elif params.blockwise and sampling.stop:
-            cut = find_stop(state.text, sampling.stop, before)
-            if cut is not None:
-                state.text = state.text[:cut]
-                state.finish_reason = "stop"
-        if state.finish_reason is None:
-            total = len(state.prompt_ids) + len(state.response_ids)
-            at_limit = total >= self.backend.max_model_len
-            if not params.blockwise or len(state.response_ids) >= sampling.max_tokens or at_limit:
-                state.finish_reason = chosen.finish_reason or "length"
-                if params.blockwise:
-                    state.finish_reason = "length"
-            elif chosen.token_ids == ():
-                state.finish_reason = "stop"
-        end = len(state.text)
-        if state.finish_reason is None:
-            end -= held_back(state.text, sampling.stop)
-        delta = state.text[state.emitted : end]
-        state.emitted = max(state.emitted, end)
+    def _append(self, request: _Request) -> str:
+        """Append the newest chosen block to the response; return the text it releases."""
+        chosen = request.blocks[-1].chosen
+        sampling, blockwise = request.sampling, request.params.blockwise
+        before = len(request.text)
+        request.response_ids.extend(chosen.token_ids)
+        request.text += chosen.text
+        # vLLM stops within a block; a stop string that spans two blocks is found here.
+        cut = None
+        if blockwise and sampling.stop and chosen.finish_reason != "stop":
+            cut = find_stop(request.text, sampling.stop, before)
+        if cut is not None:
+            request.text = request.text[:cut]
+        total = len(request.prompt_ids) + len(request.response_ids)
+        request.finish_reason = finish_reason(
+            chosen.finish_reason, blockwise=blockwise, stop_string_found=cut is not None,
+            response_tokens=len(request.response_ids), max_tokens=sampling.max_tokens,
+            context_full=total >= self.backend.max_model_len,
+            block_empty=not chosen.token_ids)
+        end = len(request.text)
+        if request.finish_reason is None:
+            end -= held_back(request.text, sampling.stop)
+        delta = request.text[request.emitted : end]
+        request.emitted = max(request.emitted, end)
         return delta
 
-    def _result(
-        self, params: SBoNParams, reward_name: str, blocks: list[BlockRecord], state: _State
-    ) -> SBoNResult:
+    def _result(self, request: _Request) -> SBoNResult:
+        blocks, params = request.blocks, request.params
         selections = len(blocks)
         diagnostics = Diagnostics(
             ess=sum(b.ess for b in blocks) / selections,
@@ -280,16 +285,16 @@ class SBoNEngine:
             "selection": sum(b.selection_s for b in blocks),
         }
         return SBoNResult(
-            text=state.text,
-            token_ids=list(state.response_ids),
-            finish_reason=state.finish_reason or "length",
+            text=request.text,
+            token_ids=list(request.response_ids),
+            finish_reason=request.finish_reason or "length",
             params=params,
-            reward_name=reward_name,
-            blocks=blocks,
+            reward_name=request.reward_name,
+            blocks=list(blocks),
             diagnostics=diagnostics,
-            prompt_tokens=len(state.prompt_ids),
-            tokens_generated=state.tokens_generated,
-            tokens_scored=state.tokens_scored,
+            prompt_tokens=len(request.prompt_ids),
+            tokens_generated=request.tokens_generated,
+            tokens_scored=request.tokens_scored,
             timings=timings,
         )
 

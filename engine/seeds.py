@@ -27,3 +27,15 @@ def choice_seed(seed: int | None, choice_index: int) -> int | None:
         return seed
     digest = hashlib.sha256(f"{seed}:{choice_index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % SEED_MODULUS
+
+
+# Measurements give every prompt and every stream of draws (a method, or the pool against
+# independent draws) seeds of its own; the sample seeds s .. s + n - 1 of one request must
+# not overlap another stream's.
+PROMPT_SEED_STRIDE = 1_009
+STREAM_SEED_STRIDE = 100_000_007
+
+
+def run_seed(base: int, prompt_index: int, stream: int = 0) -> int:
+    """The seed of one measured request: distinct per prompt and per stream."""
+    return (base + prompt_index * PROMPT_SEED_STRIDE + stream * STREAM_SEED_STRIDE) % SEED_MODULUS

@@ -12,14 +12,8 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
-
-class Normalization(StrEnum):
-    """How raw rewards are transformed before the softmax (lambda is in these units)."""
-
-    RAW = "raw"
-    ZSCORE = "zscore"
+from common.config import Normalization
 
 
 @dataclass(frozen=True)

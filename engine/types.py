@@ -7,10 +7,9 @@ read these dataclasses; no dicts cross a layer boundary.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from engine.selection import Normalization
+from common.config import Normalization
 
 
 @dataclass(frozen=True)
@@ -151,8 +150,3 @@ class TextEvent:
     """Streamed during plain decoding (one candidate, no selection): text as it decodes."""
 
     text_delta: str
-
-
-def is_off(lam: float) -> bool:
-    """True when lambda means "no selection pressure" (the base model)."""
-    return math.isinf(lam)

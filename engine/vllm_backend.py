@@ -15,11 +15,11 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from common.config import AppConfig
+from common.prompts import Prompt, chat_messages, prompt_as_text
 from engine.backend import BackendError, InvalidGenerationRequest, PromptTooLongError
-from engine.config import AppConfig
 from engine.model_prep import resolve_model_path
 from engine.types import Candidate, SamplingSettings
-from reward.base import Prompt
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def engine_args_kwargs(config: AppConfig, model_path: str) -> dict[str, Any]:
         "seed": engine.seed,
         "trust_remote_code": config.model.trust_remote_code,
         # The KL estimator needs the log-probabilities of the distribution actually
-        # sampled (after temperature and top-p), not the raw model's [MATH.md section 3].
+        # sampled (after temperature and top-p), not the raw model's (docs/maths.md,
+        # "The KL estimator").
         "logprobs_mode": "processed_logprobs",
         "disable_log_stats": True,
     }
@@ -135,10 +136,9 @@ class VLLMBackend:
         tokenizer = self.tokenizer
         if isinstance(prompt, str):
             return list(tokenizer.encode(prompt))
-        messages = [{"role": m.role, "content": m.content} for m in prompt]
         if getattr(tokenizer, "chat_template", None) is None:
-            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
-            return list(tokenizer.encode(text))
+            return list(tokenizer.encode(prompt_as_text(prompt) + "\nassistant:"))
+        messages = chat_messages(prompt)
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return list(tokenizer.encode(text, add_special_tokens=False))
 
@@ -150,7 +150,7 @@ class VLLMBackend:
             return 0
         return int(self._engine.get_num_unfinished_requests())
 
-    def _check_length(self, prompt_len: int, max_tokens: int) -> None:
+    def _check_length(self, prompt_len: int) -> None:
         if prompt_len + 1 > self.max_model_len:
             raise PromptTooLongError(
                 f"the prompt has {prompt_len} tokens; this model's context is "
@@ -164,7 +164,7 @@ class VLLMBackend:
 
         if self._engine is None:
             raise BackendError("the engine is not started")
-        self._check_length(prompt_len, max_tokens)
+        self._check_length(prompt_len)
         return SamplingParams(
             n=n,
             temperature=sampling.temperature,
@@ -245,10 +245,6 @@ class VLLMBackend:
         if self._engine is None:
             return False
         return bool(await self._engine.reset_prefix_cache())
-
-    async def abort(self, request_ids: Sequence[str]) -> None:
-        if self._engine is not None and request_ids:
-            await self._engine.abort(list(request_ids))
 
     async def label_logprobs(self, prompt: Prompt, labels: Sequence[str]) -> list[float]:
         """Log-probabilities of each label's first token as the model's next token.

@@ -8,19 +8,9 @@ reward model with a chat template can format the conversation as it was trained.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-
-@dataclass(frozen=True)
-class Message:
-    """One chat message."""
-
-    role: str
-    content: str
-
-
-Prompt = str | tuple[Message, ...]
+from common.prompts import Prompt
 
 
 class RewardError(RuntimeError):
@@ -44,22 +34,6 @@ class RewardScorer(Protocol):
     async def close(self) -> None:
         """Release resources."""
         ...
-
-
-def prompt_as_text(prompt: Prompt) -> str:
-    """Plain-text rendering of a prompt for models without a chat template."""
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(f"{m.role}: {m.content}" for m in prompt)
-
-
-def conversation(prompt: Prompt, response: str) -> list[dict[str, str]]:
-    """The (prompt, response) pair as chat-template messages."""
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
-    else:
-        messages = [{"role": m.role, "content": m.content} for m in prompt]
-    return [*messages, {"role": "assistant", "content": response}]
 
 
 def check_lengths(prompts: Sequence[Prompt], responses: Sequence[str]) -> None:

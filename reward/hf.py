@@ -18,8 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from reward.base import Prompt, RewardError, check_lengths, conversation, prompt_as_text
-from reward.config import RewardConfig
+from common.config import HFRewardConfig
+from common.prompts import Prompt, conversation, prompt_as_text
+from reward.base import RewardError, check_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def token_budget_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[
 class HFRewardScorer:
     """A sequence-classification reward model with cross-request micro-batching."""
 
-    def __init__(self, config: RewardConfig) -> None:
+    def __init__(self, config: HFRewardConfig) -> None:
         self.name = config.name
         self._config = config
         self._model: Any = None
@@ -97,10 +98,11 @@ class HFRewardScorer:
         source = str(cfg.model)
         try:
             tokenizer = AutoTokenizer.from_pretrained(
-                source, trust_remote_code=cfg.trust_remote_code
+                source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
             )
             model = AutoModelForSequenceClassification.from_pretrained(
-                source, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+                source, revision=cfg.revision, dtype=dtype,
+                trust_remote_code=cfg.trust_remote_code,
             )
         except (OSError, ValueError) as exc:
             raise RewardError(f"reward '{self.name}': cannot load '{cfg.model}': {exc}") from exc

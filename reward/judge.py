@@ -11,8 +11,9 @@ import asyncio
 from collections.abc import Sequence
 from typing import Protocol
 
-from reward.base import Message, Prompt, RewardError, check_lengths, prompt_as_text
-from reward.config import RewardConfig
+from common.config import JudgeRewardConfig
+from common.prompts import Message, Prompt, prompt_as_text
+from reward.base import RewardError, check_lengths
 
 DEFAULT_TEMPLATE = (
     "Here is a request and a response to it. The response may be unfinished.\n\n"
@@ -30,7 +31,7 @@ class LabelLogprobSource(Protocol):
 class JudgeScorer:
     """Reward = log p(yes_token) - log p(no_token) from a co-located language model."""
 
-    def __init__(self, config: RewardConfig, source: LabelLogprobSource) -> None:
+    def __init__(self, config: JudgeRewardConfig, source: LabelLogprobSource) -> None:
         self.name = config.name
         self._source = source
         self._template = config.judge_template or DEFAULT_TEMPLATE

@@ -12,8 +12,9 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from reward.base import Prompt, RewardError, check_lengths, prompt_as_text
-from reward.config import RewardConfig
+from common.config import PythonRewardConfig
+from common.prompts import Prompt, prompt_as_text
+from reward.base import RewardError, check_lengths
 
 
 def load_callable(spec: str) -> Callable[..., Any]:
@@ -38,8 +39,7 @@ def load_callable(spec: str) -> Callable[..., Any]:
 class PythonScorer:
     """Calls a Python function once per (prompt, response)."""
 
-    def __init__(self, config: RewardConfig) -> None:
-        assert config.function is not None  # guaranteed by RewardConfig validation
+    def __init__(self, config: PythonRewardConfig) -> None:
         self.name = config.name
         self._function = load_callable(config.function)
         self._is_async = inspect.iscoroutinefunction(self._function)

@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine.config import AppConfig, non_default_values
+from common.config import AppConfig, non_default_values
 from server.errors import (
     Unauthorized,
     Unavailable,

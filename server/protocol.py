@@ -14,8 +14,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.config import parse_lambda
-from engine.selection import Normalization
+from common.config import Normalization
+from common.prompts import Message
+from common.values import parse_lambda
+from engine.resolve import SBoNOverrides
 
 # OpenAI fields that are understood but not implemented, with the value that means "unused".
 UNSUPPORTED_FIELDS: dict[str, Any] = {
@@ -69,6 +71,12 @@ class SBoNOptions(StrictModel):
         if value is not None and math.isnan(value):
             raise ValueError("lambda must be a number >= 0 or 'inf'")
         return value
+
+    def overrides(self) -> SBoNOverrides:
+        """The request's settings for the shared resolver (unset fields fall back)."""
+        return SBoNOverrides(n=self.n, lam=self.lam, block_size=self.block_size,
+                             block_size_given="block_size" in self.model_fields_set,
+                             normalize=self.normalize, reward=self.reward)
 
 
 class StreamOptions(StrictModel):
@@ -169,25 +177,78 @@ class ChatCompletionRequest(_Sampling):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def prompt(self) -> tuple[Message, ...]:
+        """The conversation as the engine's prompt type."""
+        # Chat templates know "system"; OpenAI's newer "developer" role means the same.
+        return tuple(Message("system" if m.role == "developer" else m.role, m.text())
+                     for m in self.messages)
+
 
 # --- responses -----------------------------------------------------------------------------
+# The bodies the server sends are built from these models (server/render.py), so the
+# OpenAPI document and the wire format are one definition. Optional fields that a body
+# leaves unset are left out of it; fields set to None are sent as null.
 
 
-class Usage(BaseModel):
+class ResponseModel(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+
+JSONFloat = float | Literal["inf", "-inf"]
+
+
+class SBoNBlock(ResponseModel):
+    """One selection step of a blockwise response."""
+
+    index: int
+    chosen_index: int
+    rewards: list[JSONFloat]
+    weights: list[float]
+    ess: float
+    kl_from_uniform: float
+    kl_estimate: float
+    candidates: list[str] | None = Field(default=None, description="with return_candidates")
+
+
+class SBoNInfo(ResponseModel):
+    """The ``sbon`` object of one returned choice: settings, selection, diagnostics."""
+
+    n: int
+    lam: JSONFloat = Field(alias="lambda")
+    block_size: int | None
+    normalize: str
+    reward: str | None = Field(description="the reward used; null when nothing was scored")
+    scored: bool
+    blocks: list[SBoNBlock] | None = Field(default=None, description="blockwise mode")
+    chosen_index: int | None = Field(default=None, description="per-response mode")
+    candidates: list[str] | None = Field(default=None, description="with return_candidates")
+    rewards: list[JSONFloat] | None = Field(default=None, description="of the final selection")
+    weights: list[float] | None = None
+    ess: float
+    kl_from_uniform: float
+    kl_bon_bound: float
+    kl_estimate: float
+    win_rate_bound: float
+    tokens_generated: int
+    tokens_scored: int
+    timings_s: dict[str, float]
+
+
+class Usage(ResponseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(ResponseModel):
     index: int
     text: str
     logprobs: None = None
     finish_reason: str | None
-    sbon: dict[str, Any] | None = None
+    sbon: SBoNInfo | None = None
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(ResponseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
@@ -196,20 +257,20 @@ class CompletionResponse(BaseModel):
     usage: Usage
 
 
-class AssistantMessage(BaseModel):
+class AssistantMessage(ResponseModel):
     role: Literal["assistant"] = "assistant"
     content: str
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(ResponseModel):
     index: int
     message: AssistantMessage
     logprobs: None = None
     finish_reason: str | None
-    sbon: dict[str, Any] | None = None
+    sbon: SBoNInfo | None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(ResponseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -218,13 +279,57 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
-class ModelCard(BaseModel):
+class ChatDelta(ResponseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(ResponseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: str | None
+    sbon: SBoNInfo | None = None
+
+
+class CompletionChunkChoice(ResponseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+    sbon: SBoNInfo | None = None
+
+
+class ChatCompletionChunk(ResponseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunk(ResponseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(ResponseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "sbon"
 
 
-class ModelList(BaseModel):
+class ModelList(ResponseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+def to_json(body: BaseModel) -> dict[str, Any]:
+    """A response model as the JSON sent: aliases, and only the fields the body set."""
+    return body.model_dump(mode="json", by_alias=True, exclude_unset=True)

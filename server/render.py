@@ -1,19 +1,36 @@
 """Soft best-of-n results as OpenAI response objects, stream chunks and ``sbon`` objects.
 
-Pure functions from :class:`engine.types.SBoNResult` to JSON-ready data: the routes and the
-streaming code call these, so the non-streaming and streaming shapes cannot drift apart.
+Every body is built from the typed response models in :mod:`server.protocol` (one
+definition for the OpenAPI document and the wire), and the non-streaming and streaming
+shapes share the ``sbon`` builder, so they cannot drift apart.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from engine.report import block_summary, json_number
+from common.values import json_number
 from engine.types import BlockRecord, SBoNResult
+from server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
+    CompletionResponse,
+    SBoNBlock,
+    SBoNInfo,
+    Usage,
+    to_json,
+)
 
-Kind = str  # "completion" or "chat"
+Kind = Literal["completion", "chat"]
 
 
 @dataclass(frozen=True)
@@ -25,17 +42,23 @@ class ChoiceResult:
     result: SBoNResult
 
 
-def _block(block: BlockRecord, with_texts: bool) -> dict[str, Any]:
-    out = block_summary(block)
+def _rewards(block: BlockRecord) -> list[float | Literal["inf", "-inf"]]:
+    return [json_number(r) for r in block.rewards]
+
+
+def _block(block: BlockRecord, with_texts: bool) -> SBoNBlock:
+    out = SBoNBlock(index=block.index, chosen_index=block.chosen_index,
+                    rewards=_rewards(block), weights=block.weights, ess=block.ess,
+                    kl_from_uniform=block.kl_from_uniform, kl_estimate=block.kl_estimate)
     if with_texts:
-        out["candidates"] = [c.text for c in block.candidates]
+        out.candidates = [c.text for c in block.candidates]
     return out
 
 
-def sbon_object(result: SBoNResult, return_candidates: bool) -> dict[str, Any]:
+def sbon_info(result: SBoNResult, return_candidates: bool) -> SBoNInfo:
     """The ``sbon`` object of one choice: settings, the selection, diagnostics, accounting."""
     params, final, d = result.params, result.final_block, result.diagnostics
-    out: dict[str, Any] = {
+    fields: dict[str, Any] = {
         "n": params.n,
         "lambda": json_number(params.lam),
         "block_size": params.block_size,
@@ -44,62 +67,64 @@ def sbon_object(result: SBoNResult, return_candidates: bool) -> dict[str, Any]:
         "scored": params.score,
     }
     if params.blockwise:
-        out["blocks"] = [_block(b, return_candidates) for b in result.blocks]
+        fields["blocks"] = [_block(b, return_candidates) for b in result.blocks]
     else:
-        out["chosen_index"] = final.chosen_index
+        fields["chosen_index"] = final.chosen_index
         if return_candidates:
-            out["candidates"] = [c.text for c in final.candidates]
+            fields["candidates"] = [c.text for c in final.candidates]
     if params.score:
-        out["rewards"] = final.rewards
-        out["weights"] = final.weights
-    out.update({
-        "ess": d.ess,
-        "kl_from_uniform": d.kl_from_uniform,
-        "kl_bon_bound": d.kl_bon_bound,
-        "kl_estimate": d.kl_estimate,
-        "win_rate_bound": d.win_rate_bound,
-        "tokens_generated": result.tokens_generated,
-        "tokens_scored": result.tokens_scored,
-        "timings_s": dict(result.timings),
-    })
-    return out
+        fields["rewards"] = _rewards(final)
+        fields["weights"] = final.weights
+    fields.update(
+        ess=d.ess, kl_from_uniform=d.kl_from_uniform, kl_bon_bound=d.kl_bon_bound,
+        kl_estimate=d.kl_estimate, win_rate_bound=d.win_rate_bound,
+        tokens_generated=result.tokens_generated, tokens_scored=result.tokens_scored,
+        timings_s=dict(result.timings))
+    return SBoNInfo(**fields)
 
 
-def usage(choices: list[ChoiceResult]) -> dict[str, int]:
+def sbon_object(result: SBoNResult, return_candidates: bool) -> dict[str, Any]:
+    """The ``sbon`` object as JSON."""
+    return to_json(sbon_info(result, return_candidates))
+
+
+def usage(choices: list[ChoiceResult]) -> Usage:
     """OpenAI usage: each prompt counted once, every returned completion counted."""
     prompt_tokens: dict[int, int] = {}
     for choice in choices:
         prompt_tokens[choice.prompt_index] = choice.result.prompt_tokens
     completion = sum(c.result.completion_tokens for c in choices)
     prompt = sum(prompt_tokens.values())
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                 total_tokens=prompt + completion)
 
 
 def response_body(kind: Kind, response_id: str, created: int, model: str,
                   choices: list[ChoiceResult], show_sbon: bool,
                   return_candidates: bool) -> dict[str, Any]:
     """The whole non-streaming response."""
-    rendered = []
-    for choice in sorted(choices, key=lambda c: c.index):
-        item: dict[str, Any] = {"index": choice.index}
-        if kind == "chat":
-            item["message"] = {"role": "assistant", "content": choice.result.text}
-        else:
-            item["text"] = choice.result.text
-        item["logprobs"] = None
-        item["finish_reason"] = choice.result.finish_reason
-        if show_sbon:
-            item["sbon"] = sbon_object(choice.result, return_candidates)
-        rendered.append(item)
-    return {
-        "id": response_id,
-        "object": "chat.completion" if kind == "chat" else "text_completion",
-        "created": created,
-        "model": model,
-        "choices": rendered,
-        "usage": usage(choices),
-    }
+    ordered = sorted(choices, key=lambda c: c.index)
+
+    def extra(choice: ChoiceResult) -> dict[str, Any]:
+        return {"sbon": sbon_info(choice.result, return_candidates)} if show_sbon else {}
+
+    body: ChatCompletionResponse | CompletionResponse
+    if kind == "chat":
+        body = ChatCompletionResponse(
+            id=response_id, object="chat.completion", created=created, model=model,
+            choices=[ChatChoice(index=c.index, logprobs=None,
+                                message=AssistantMessage(role="assistant", content=c.result.text),
+                                finish_reason=c.result.finish_reason, **extra(c))
+                     for c in ordered],
+            usage=usage(choices))
+    else:
+        body = CompletionResponse(
+            id=response_id, object="text_completion", created=created, model=model,
+            choices=[CompletionChoice(index=c.index, text=c.result.text, logprobs=None,
+                                      finish_reason=c.result.finish_reason, **extra(c))
+                     for c in ordered],
+            usage=usage(choices))
+    return to_json(body)
 
 
 @dataclass(frozen=True)
@@ -112,30 +137,30 @@ class ChunkWriter:
     model: str
     include_usage: bool
 
-    def _frame(self, choices: list[dict[str, Any]], usage_value: Any = None) -> str:
-        body: dict[str, Any] = {
-            "id": self.response_id,
-            "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
+    def _frame(self, choices: list[dict[str, Any]], usage_value: Usage | None = None) -> str:
+        head: dict[str, Any] = {"id": self.response_id, "created": self.created,
+                                "model": self.model}
         if self.include_usage:
-            body["usage"] = usage_value
-        return f"data: {json.dumps(body)}\n\n"
+            head["usage"] = usage_value
+        body: ChatCompletionChunk | CompletionChunk
+        if self.kind == "chat":
+            body = ChatCompletionChunk(object="chat.completion.chunk", choices=[
+                ChatChunkChoice(**c) for c in choices], **head)
+        else:
+            body = CompletionChunk(object="text_completion", choices=[
+                CompletionChunkChoice(**c) for c in choices], **head)
+        return f"data: {json.dumps(to_json(body))}\n\n"
 
     def _choice(self, index: int, text: str | None, finish_reason: str | None,
                 role: bool = False) -> dict[str, Any]:
-        item: dict[str, Any] = {"index": index}
+        item: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": finish_reason}
         if self.kind == "chat":
-            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            delta = ChatDelta(role="assistant") if role else ChatDelta()
             if text is not None:
-                delta["content"] = text
+                delta.content = text
             item["delta"] = delta
         else:
             item["text"] = text or ""
-        item["logprobs"] = None
-        item["finish_reason"] = finish_reason
         return item
 
     def opening(self, index: int) -> str | None:
@@ -147,7 +172,7 @@ class ChunkWriter:
     def text(self, index: int, text: str) -> str:
         return self._frame([self._choice(index, text, None)])
 
-    def finish(self, index: int, result: SBoNResult, sbon: dict[str, Any] | None) -> str:
+    def finish(self, index: int, result: SBoNResult, sbon: SBoNInfo | None) -> str:
         item = self._choice(index, None if self.kind == "chat" else "", result.finish_reason)
         if sbon is not None:
             item["sbon"] = sbon

@@ -18,11 +18,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from engine.config import AppConfig
+from common.config import AppConfig
+from common.prompts import Prompt
+from engine.resolve import resolve_params
 from engine.sbon import SBoNEngine
 from engine.seeds import choice_seed
 from engine.types import BlockEvent, SamplingSettings, SBoNParams, SBoNResult, TextEvent
-from reward.base import Message, Prompt
 from server.errors import (
     InvalidRequest,
     NotFound,
@@ -37,7 +38,7 @@ from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
 )
-from server.render import DONE, ChoiceResult, ChunkWriter, Kind, sbon_object
+from server.render import DONE, ChoiceResult, ChunkWriter, Kind, sbon_info
 
 logger = logging.getLogger(__name__)
 
@@ -164,24 +165,14 @@ class CompletionService:
                            "model", "model_not_found")
 
     def _params(self, request: AnyRequest) -> SBoNParams:
-        defaults, options = self.config.sbon, request.sbon
-        if options is None and not defaults.enabled:
-            return SBoNParams(n=1, lam=math.inf, score=False)
-        given = options.model_fields_set if options is not None else set()
-        n = options.n if options is not None and options.n is not None else defaults.n
-        if n > self.config.limits.max_candidates:
+        options = request.sbon
+        params = resolve_params(self.config.sbon,
+                                options.overrides() if options is not None else None)
+        if params.n > self.config.limits.max_candidates:
             raise InvalidRequest(f"sbon.n must be at most {self.config.limits.max_candidates}",
                                  "sbon.n", "limit_exceeded")
-        lam = options.lam if options is not None and options.lam is not None else defaults.lam
-        block = options.block_size if options is not None and "block_size" in given \
-            else defaults.block_size
-        normalize = (options.normalize if options is not None and options.normalize
-                     else defaults.normalize)
-        reward = options.reward if options is not None else None
-        self.runtime.sbon.scorer_for(reward)  # 404 for an unknown reward, before any work
-        # One candidate leaves nothing to select: it is the base model, and no reward is paid.
-        return SBoNParams(n=n, lam=lam, block_size=block, normalize=normalize, reward=reward,
-                          score=n > 1)
+        self.runtime.sbon.scorer_for(params.reward)  # 404 for an unknown reward, before any work
+        return params
 
     def _max_tokens(self, request: AnyRequest, prompt_len: int) -> int:
         limits, context = self.config.limits, self.runtime.backend.max_model_len
@@ -281,7 +272,7 @@ class CompletionService:
                         yield writer.text(choice, item.text_delta)
                 elif isinstance(item, SBoNResult):
                     finished.append(ChoiceResult(choice, prompt_of[choice], item))
-                    sbon = sbon_object(item, plan.return_candidates) if plan.show_sbon else None
+                    sbon = sbon_info(item, plan.return_candidates) if plan.show_sbon else None
                     yield writer.finish(choice, item, sbon)
             if plan.include_usage:
                 yield writer.usage(finished)
@@ -320,13 +311,8 @@ def _is_neutral(value: Any, neutrals: Sequence[Any]) -> bool:
 
 def _prompts(request: AnyRequest) -> list[Prompt]:
     if isinstance(request, ChatCompletionRequest):
-        return [tuple(Message(_role(m.role), m.text()) for m in request.messages)]
+        return [request.prompt()]
     return list(request.prompts())
-
-
-def _role(role: str) -> str:
-    # Chat templates know "system"; OpenAI's newer "developer" role means the same.
-    return "system" if role == "developer" else role
 
 
 def _first(group: BaseExceptionGroup) -> BaseException:

@@ -13,8 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
-from engine.config import AppConfig
-from reward.config import RewardConfig
+from common.config import AppConfig, JudgeRewardConfig, PythonRewardConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,8 +36,9 @@ def engine_config(model_cache_dir: Path) -> AppConfig:
         model={"name": "embedded", "cache_dir": str(model_cache_dir)},
         engine={"max_model_len": 1024, "kv_cache_gib": 1},
         rewards=[
-            RewardConfig(name="judge", type="judge"),
-            RewardConfig(name="length", type="python", function="reward.rules:response_length"),
+            JudgeRewardConfig(name="judge", type="judge"),
+            PythonRewardConfig(name="length", type="python",
+                               function="reward.rules:response_length"),
         ],
     )
 

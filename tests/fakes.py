@@ -7,9 +7,9 @@ import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
+from common.prompts import Prompt, prompt_as_text
 from engine.sbon import SBoNEngine
 from engine.types import Candidate, SamplingSettings
-from reward.base import Prompt, prompt_as_text
 
 
 @dataclass
@@ -63,9 +63,6 @@ class FakeBackend:
             if word:
                 yield word + " "
         yield candidate
-
-    async def abort(self, request_ids: Sequence[str]) -> None:
-        return None
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         # Three tokens, plus one per word beyond the first three (so length limits can bite).

@@ -20,7 +20,7 @@ import pytest
 import uvicorn
 from fakes import FakeBackend, FakeRuntime, FakeScorer
 
-from engine.config import AppConfig
+from common.config import AppConfig
 from engine.sbon import SBoNEngine
 from server.app import ServerState, create_app
 

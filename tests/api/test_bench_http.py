@@ -10,10 +10,10 @@ import httpx
 import pytest
 from fakes import FakeBackend, FakeRuntime, FakeScorer, fake_runtime
 
-from engine.bench import NAIVE, PLAIN, BenchSettings, run_bench
-from engine.bench_http import HTTPTarget
-from engine.config import AppConfig
-from engine.promptset import load_prompts
+from bench.bench import NAIVE, PLAIN, BenchSettings, run_bench
+from bench.http import HTTPTarget
+from bench.promptset import load_prompts
+from common.config import AppConfig
 
 pytestmark = pytest.mark.api
 

@@ -86,7 +86,7 @@ def launch(command: list[str], port: int, env: dict[str, str], cwd: Path,
 
 def sbon_command() -> list[str]:
     installed = shutil.which("sbon", path=str(Path(sys.executable).parent))
-    return [installed] if installed else [sys.executable, "-m", "server.cli"]
+    return [installed] if installed else [sys.executable, "-m", "cli.main"]
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def test_generate_json_blockwise(model_cache_dir: Path) -> None:
     env = dict(os.environ, SBON_MODEL__CACHE_DIR=str(model_cache_dir), HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", "server.cli", "generate", "Write a haiku about the sea.",
+    command = [sys.executable, "-m", "cli.main", "generate", "Write a haiku about the sea.",
                "--n", "3", "--lam", "0.5", "--block-size", "8", "--max-tokens", "16",
                "--seed", "7", "--json", "--config", str(REPO_ROOT / "config.yaml")]
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
@@ -37,7 +37,7 @@ def test_generate_json_blockwise(model_cache_dir: Path) -> None:
 
 
 def test_generate_reports_a_bad_reward_name_cleanly() -> None:
-    done = subprocess.run([sys.executable, "-m", "server.cli", "generate", "hi", "--set",
+    done = subprocess.run([sys.executable, "-m", "cli.main", "generate", "hi", "--set",
                            "default_reward=nope"], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2
@@ -46,7 +46,7 @@ def test_generate_reports_a_bad_reward_name_cleanly() -> None:
 
 def test_generate_per_response_with_a_seed_is_reproducible(model_cache_dir: Path) -> None:
     env = dict(os.environ, SBON_MODEL__CACHE_DIR=str(model_cache_dir), HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", "server.cli", "generate", "Write a haiku about the sea.",
+    command = [sys.executable, "-m", "cli.main", "generate", "Write a haiku about the sea.",
                "--n", "4", "--lam", "0.5", "--max-tokens", "12", "--seed", "3", "--json",
                "--config", str(REPO_ROOT / "config.yaml")]
     outputs = []

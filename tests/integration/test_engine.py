@@ -11,10 +11,10 @@ import math
 
 import pytest
 
+from common.prompts import Message
 from engine.sbon import UnknownRewardError
 from engine.selection import kl_bon_bound
 from engine.types import SamplingSettings, SBoNParams, SBoNResult, TextEvent
-from reward.base import Message
 
 pytestmark = pytest.mark.integration
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from tiny_models import build_tiny_reward_model
 
+from common.config import HFRewardConfig
+from common.prompts import Message
 from engine.sbon import SBoNEngine
 from engine.types import SamplingSettings, SBoNParams
-from reward.base import Message
-from reward.config import RewardConfig
 from reward.hf import HFRewardScorer
 
 pytestmark = pytest.mark.integration
@@ -22,7 +22,7 @@ PROMPT = (Message("user", "Write a haiku about the sea."),)
 
 async def test_the_hf_reward_scores_engine_candidates(runtime, tmp_path: Path) -> None:
     folder = build_tiny_reward_model(tmp_path / "rm")
-    scorer = HFRewardScorer(RewardConfig(name="rm", type="hf", model=str(folder),
+    scorer = HFRewardScorer(HFRewardConfig(name="rm", type="hf", model=str(folder),
                                          max_length=256))
     await scorer.start()
     try:

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from engine.bench import PLAIN, BenchSettings, InProcessTarget, run_bench
-from engine.evaluate import BLOCKWISE, EvalSettings, run_eval
-from engine.promptset import load_prompts
+from bench.bench import PLAIN, BenchSettings, InProcessTarget, run_bench
+from bench.evaluate import BLOCKWISE, EvalSettings, run_eval
+from bench.promptset import load_prompts
 from engine.selection import kl_bon_bound
 
 pytestmark = pytest.mark.integration

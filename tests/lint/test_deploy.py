@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.config import AppConfig, load_config
+from common.config import AppConfig, load_config
 from engine.vllm_backend import engine_args_kwargs
 from server.metrics import Metrics
 

@@ -11,7 +11,7 @@ import pytest
 pytestmark = pytest.mark.lint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ["engine", "reward", "server"]
+PACKAGES = ["common", "engine", "reward", "server", "bench", "cli"]
 
 
 def run_tool(*args: str) -> subprocess.CompletedProcess[str]:

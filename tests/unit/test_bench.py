@@ -8,7 +8,7 @@ import math
 import pytest
 from fakes import FakeBackend, FakeScorer, fake_runtime
 
-from engine.bench import (
+from bench.bench import (
     NAIVE,
     PER_RESPONSE,
     PLAIN,
@@ -18,8 +18,8 @@ from engine.bench import (
     render_table,
     run_bench,
 )
-from engine.plots import bench_chart
-from engine.promptset import load_prompts
+from bench.plots import bench_chart
+from bench.promptset import load_prompts
 
 pytestmark = pytest.mark.unit
 

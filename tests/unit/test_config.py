@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 from tests_paths import REPO_ROOT
 
-from engine.config import AppConfig, load_config, non_default_values
+from common.config import AppConfig, load_config, non_default_values
 
 pytestmark = pytest.mark.unit
 

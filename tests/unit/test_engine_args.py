@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import load_config
+from common.config import load_config
 from engine.vllm_backend import build_engine_args, engine_args_kwargs
 
 pytestmark = pytest.mark.unit

@@ -9,7 +9,7 @@ import random
 import pytest
 from fakes import FakeBackend, FakeScorer, fake_runtime
 
-from engine.evaluate import (
+from bench.evaluate import (
     BLOCKWISE,
     BON,
     SOFT,
@@ -19,8 +19,8 @@ from engine.evaluate import (
     markdown_table,
     run_eval,
 )
-from engine.plots import eval_chart
-from engine.promptset import load_prompts
+from bench.plots import eval_chart
+from bench.promptset import load_prompts
 from engine.selection import kl_bon_bound
 
 pytestmark = pytest.mark.unit

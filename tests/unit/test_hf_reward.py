@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from tiny_models import build_tiny_reward_model
 
-from reward.config import RewardConfig
+from common.config import HFRewardConfig
 from reward.hf import HFRewardScorer
 
 pytestmark = pytest.mark.unit
@@ -28,7 +28,7 @@ def tiny_multilabel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def started(model: Path, **extra: object) -> HFRewardScorer:
-    scorer = HFRewardScorer(RewardConfig(name="rm", type="hf", model=str(model), **extra))
+    scorer = HFRewardScorer(HFRewardConfig(name="rm", type="hf", model=str(model), **extra))
     await scorer.start()
     return scorer
 

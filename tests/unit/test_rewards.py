@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import pytest
 
-from reward.base import Message, Prompt, RewardError, conversation, prompt_as_text
-from reward.config import RewardConfig
+from common.config import JudgeRewardConfig, PythonRewardConfig
+from common.prompts import Message, Prompt, conversation, prompt_as_text
+from reward.base import RewardError
 from reward.hf import token_budget_batches
 from reward.judge import JudgeScorer
 from reward.python_fn import PythonScorer, load_callable
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.unit
 
 
 def python_reward(function: str) -> PythonScorer:
-    return PythonScorer(RewardConfig(name="r", type="python", function=function))
+    return PythonScorer(PythonRewardConfig(name="r", type="python", function=function))
 
 
 async def test_python_reward_calls_the_function_per_pair() -> None:
@@ -79,7 +80,7 @@ class FakeLabels:
 
 async def test_judge_reward_is_the_yes_no_margin() -> None:
     source = FakeLabels()
-    judge = build_scorer(RewardConfig(name="j", type="judge"), source)
+    judge = build_scorer(JudgeRewardConfig(name="j", type="judge"), source)
     assert isinstance(judge, JudgeScorer)
     values = await judge.score(["q", "q"], ["a good answer", "bad"])
     assert values == [pytest.approx(1.5), pytest.approx(-2.9)]
@@ -90,7 +91,7 @@ async def test_judge_reward_is_the_yes_no_margin() -> None:
 
 def test_judge_template_must_have_both_slots() -> None:
     with pytest.raises(ValueError):
-        JudgeScorer(RewardConfig(name="j", type="judge", judge_template="{prompt} only"),
+        JudgeScorer(JudgeRewardConfig(name="j", type="judge", judge_template="{prompt} only"),
                     FakeLabels())
     with pytest.raises(ValueError):
-        build_scorer(RewardConfig(name="j", type="judge"), None)
+        build_scorer(JudgeRewardConfig(name="j", type="judge"), None)

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from reward.config import RewardConfig
+from common.config import HFRewardConfig
 from reward.hf import HFRewardScorer
 
 
@@ -43,7 +43,7 @@ def make_inputs(prompt_words: int, response_words: int, n: int) -> tuple[list[st
 
 async def time_scorer(model: str, share: bool, prompts: list[str], responses: list[str],
                       repeats: int, device: str) -> tuple[float, list[float]]:
-    scorer = HFRewardScorer(RewardConfig(name="bench", type="hf", model=model, device=device,
+    scorer = HFRewardScorer(HFRewardConfig(name="bench", type="hf", model=model, device=device,
                                          share_prompt_kv=share, max_batch_tokens=65536))
     await scorer.start()
     try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.bench import BenchReport
-from engine.evaluate import BLOCKWISE, BON, SOFT, EvalReport
+from bench.bench import BenchReport
+from bench.evaluate import BLOCKWISE, BON, SOFT, EvalReport
 
 
 def _pyplot() -> Any:

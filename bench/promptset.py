@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from reward.base import Message, Prompt
+from common.prompts import Message, Prompt
 
 SHIPPED = "prompts.jsonl"
 
@@ -47,7 +47,7 @@ def _item(line: object, number: int) -> PromptItem:
 def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[PromptItem]:
     """The prompts of ``path`` (the shipped set when None), at most ``limit`` of them."""
     if path is None:
-        text = resources.files("engine").joinpath("data", SHIPPED).read_text(encoding="utf-8")
+        text = resources.files("bench").joinpath("data", SHIPPED).read_text(encoding="utf-8")
     else:
         text = Path(path).expanduser().read_text(encoding="utf-8")
     items = []

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common.values import lambda_value
+
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
@@ -30,25 +32,22 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    def one(value: str) -> float:
-        value = value.strip().lower()
-        return math.inf if value in {"inf", "infinity", "off"} else float(value)
-
+    """A comma-separated list of lambdas (numbers >= 0, or 'inf' / 'off')."""
     try:
-        values = tuple(one(v) for v in text.split(",") if v.strip())
+        values = tuple(lambda_value(v) for v in text.split(",") if v.strip())
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a list of numbers or 'inf'") from exc
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError("values must be >= 0")
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one lambda")
     return values
 
 
 def lambda_arg(text: str) -> float:
-    """One selection temperature: a number >= 0, or 'inf' / 'off'."""
-    values = _floats(text)
-    if len(values) != 1:
-        raise argparse.ArgumentTypeError("give one lambda")
-    return values[0]
+    """One selection temperature: a number >= 0, or 'inf' / 'off' (the shared parser)."""
+    try:
+        return lambda_value(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def add_measure_commands(
@@ -105,9 +104,9 @@ def _quiet_engine() -> None:
 
 
 def _bench(args: argparse.Namespace, load_app_config: Callable[..., Any]) -> int:
-    from engine.bench import BenchSettings, render_table
-    from engine.plots import bench_chart
-    from engine.promptset import load_prompts
+    from bench.bench import BenchSettings, render_table
+    from bench.plots import bench_chart
+    from bench.promptset import load_prompts
 
     settings = BenchSettings(n=args.n, lam=args.lam, max_tokens=args.max_tokens,
                              block_sizes=args.block_sizes, concurrency=args.concurrency,
@@ -132,7 +131,7 @@ def _bench(args: argparse.Namespace, load_app_config: Callable[..., Any]) -> int
 
 
 async def _bench_local(config: Any, prompts: Any, settings: Any, tick: Any) -> Any:
-    from engine.bench import InProcessTarget, run_bench
+    from bench.bench import InProcessTarget, run_bench
     from engine.runtime import start_runtime
 
     runtime = await start_runtime(config)
@@ -145,8 +144,8 @@ async def _bench_local(config: Any, prompts: Any, settings: Any, tick: Any) -> A
 async def _bench_http(url: str, prompts: Any, settings: Any, tick: Any) -> Any:
     import httpx
 
-    from engine.bench import run_bench
-    from engine.bench_http import HTTPTarget
+    from bench.bench import run_bench
+    from bench.http import HTTPTarget
 
     async with httpx.AsyncClient(timeout=3600) as client:
         target = await HTTPTarget.connect(url, prompts, settings, client)
@@ -154,9 +153,9 @@ async def _bench_http(url: str, prompts: Any, settings: Any, tick: Any) -> Any:
 
 
 def _eval(args: argparse.Namespace, load_app_config: Callable[..., Any]) -> int:
-    from engine.evaluate import EvalSettings, markdown_table
-    from engine.plots import eval_chart
-    from engine.promptset import load_prompts
+    from bench.evaluate import EvalSettings, markdown_table
+    from bench.plots import eval_chart
+    from bench.promptset import load_prompts
 
     settings = EvalSettings(
         n_grid=args.n_grid, lam_grid=args.lambda_grid, soft_n=args.soft_n,
@@ -182,7 +181,7 @@ def _eval(args: argparse.Namespace, load_app_config: Callable[..., Any]) -> int:
 
 
 async def _eval_local(config: Any, prompts: Any, settings: Any, tick: Any) -> Any:
-    from engine.evaluate import run_eval
+    from bench.evaluate import run_eval
     from engine.runtime import start_runtime
 
     runtime = await start_runtime(config)

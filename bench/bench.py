@@ -18,13 +18,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from engine.promptset import PromptItem
+from bench.promptset import PromptItem
+from common.values import json_number
+from engine.seeds import run_seed
 from engine.selection import select
 from engine.types import SamplingSettings, SBoNParams
 
 PLAIN, PER_RESPONSE, NAIVE = "plain", "per-response", "naive"
-METHOD_SEED_STRIDE = 100_000_007
-PROMPT_SEED_STRIDE = 1_009
 
 
 def blockwise(size: int) -> str:
@@ -57,10 +57,9 @@ class BenchSettings:
         sharing seeds would draw the same candidates, and a later method would find the
         earlier one's reward queries in the prefix cache: a measurement artefact.
         """
-        offset = (self.methods().index(method) + 1) * METHOD_SEED_STRIDE \
-            if method in self.methods() else 0
+        stream = self.methods().index(method) + 1 if method in self.methods() else 0
         return SamplingSettings(temperature=self.temperature, max_tokens=self.max_tokens,
-                                seed=self.seed + offset + prompt_index * PROMPT_SEED_STRIDE)
+                                seed=run_seed(self.seed, prompt_index, stream))
 
     def params(self, method: str) -> SBoNParams:
         size = int(method.rsplit("-", 1)[1]) if method.startswith("blockwise-") else None
@@ -172,7 +171,7 @@ class BenchReport:
 
     def to_dict(self) -> dict[str, Any]:
         settings = asdict(self.settings)
-        settings["lam"] = "inf" if math.isinf(self.settings.lam) else self.settings.lam
+        settings["lam"] = json_number(self.settings.lam)
         return {"settings": settings, "target": self.target,
                 "runs": [r.to_dict() for r in self.runs], "ratios": self.ratios()}
 

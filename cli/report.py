@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+from common.values import json_number
 from engine.types import BlockRecord, SBoNResult
-
-
-def json_number(value: float) -> float | str:
-    """JSON has no infinity; lambda = infinity is written as the string "inf"."""
-    return "inf" if math.isinf(value) else value
 
 
 def block_summary(block: BlockRecord) -> dict[str, Any]:

@@ -13,8 +13,9 @@ from typing import Any
 
 import httpx
 
-from engine.bench import NAIVE, PLAIN, BenchSettings, RequestFn, Sample
-from engine.promptset import PromptItem
+from bench.bench import NAIVE, PLAIN, BenchSettings, RequestFn, Sample
+from bench.promptset import PromptItem
+from common.values import json_number
 
 
 class HTTPTarget:
@@ -66,7 +67,7 @@ class HTTPTarget:
 
     async def _sbon(self, method: str, index: int, request_id: str) -> Sample:
         params = self.settings.params(method)
-        lam: float | str = "inf" if params.lam == float("inf") else params.lam
+        lam = json_number(params.lam)
         sbon: dict[str, Any] = {"n": params.n, "lambda": lam, "block_size": params.block_size}
         if params.reward:
             sbon["reward"] = params.reward

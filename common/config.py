@@ -1,4 +1,4 @@
-"""One typed configuration tree for the whole service.
+"""One typed configuration tree for the whole service, read by every layer.
 
 Loaded from ``config.yaml``, then overridden by environment variables
 (``SBON_ENGINE__DTYPE=bfloat16``: prefix ``SBON_``, ``__`` between levels) and by
@@ -9,22 +9,78 @@ defaults. Validation happens once, at start.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Iterable, Mapping
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from engine.selection import Normalization
-from reward.config import RewardConfig
+from common.values import parse_lambda
 
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "SBON_"
 EMBEDDED_MODEL = "embedded"
+
+
+class Normalization(StrEnum):
+    """How raw rewards are transformed before the softmax (lambda is in these units)."""
+
+    RAW = "raw"
+    ZSCORE = "zscore"
+
+
+class _RewardBase(BaseModel):
+    """Fields every reward has: its name (what requests send as ``sbon.reward``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+
+
+class HFRewardConfig(_RewardBase):
+    """A Hugging Face sequence-classification reward model, run with transformers.
+
+    The reward is the raw logit of one output (``label`` picks it when the head has
+    several); pairs are formatted with the model's chat template.
+    """
+
+    type: Literal["hf"]
+    model: str = Field(min_length=1)  # a hub id or a folder
+    revision: str | None = None  # a pinned commit of a hub model
+    label: int | str | None = None
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16", "auto"] = "float32"
+    max_batch_tokens: int = Field(default=8192, ge=64)
+    max_length: int = Field(default=2048, ge=16)
+    batch_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
+    use_chat_template: bool = True
+    share_prompt_kv: bool = True  # compute a prompt's KV once for its n responses (causal models)
+    trust_remote_code: bool = False
+
+
+class JudgeRewardConfig(_RewardBase):
+    """The served policy model asked whether a response is good: log p(yes) - log p(no)."""
+
+    type: Literal["judge"]
+    judge_template: str | None = None
+    yes_token: str = "Yes"
+    no_token: str = "No"
+
+
+class PythonRewardConfig(_RewardBase):
+    """A ``module:function`` taking (prompt, response) and returning a number."""
+
+    type: Literal["python"]
+    function: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+RewardConfig = Annotated[
+    HFRewardConfig | JudgeRewardConfig | PythonRewardConfig, Field(discriminator="type")
+]
 
 
 class ModelConfig(BaseModel):
@@ -98,6 +154,8 @@ class Limits(BaseModel):
 
 
 class ServerConfig(BaseModel):
+    """The HTTP listener and its access control."""
+
     model_config = ConfigDict(extra="forbid")
 
     host: str = "127.0.0.1"
@@ -117,7 +175,7 @@ class AppConfig(BaseModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     rewards: list[RewardConfig] = Field(
-        default_factory=lambda: [RewardConfig(name="judge", type="judge")]
+        default_factory=lambda: list[RewardConfig]([JudgeRewardConfig(name="judge", type="judge")])
     )
     default_reward: str | None = None  # defaults to the first entry of ``rewards``
     sbon: SBoNDefaults = Field(default_factory=SBoNDefaults)
@@ -143,20 +201,6 @@ class AppConfig(BaseModel):
         return next((r for r in self.rewards if r.name == name), None)
 
 
-def parse_lambda(value: Any) -> Any:
-    """Accept ``inf``, ``infinity``, ``off`` and ``none`` (strings) as lambda = infinity.
-
-    YAML reads a bare ``off`` as the boolean false, so false also means "off".
-    """
-    if value is False:
-        return math.inf
-    if value is True:
-        raise ValueError("lambda must be a number, 'inf' or 'off'")
-    if isinstance(value, str) and value.strip().lower() in {"inf", "infinity", "off", "none"}:
-        return math.inf
-    return value
-
-
 def _parse_scalar(text: str) -> Any:
     """Read an override value with YAML's scalar rules (numbers, booleans, null, lists)."""
     try:
@@ -166,14 +210,37 @@ def _parse_scalar(text: str) -> Any:
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
-    node = tree
-    for key in path[:-1]:
+    """Set ``value`` at ``path``; a numeric key indexes a list (``rewards.0.model``)."""
+    node: Any = tree
+    for depth, key in enumerate(path):
+        last = depth == len(path) - 1
+        if isinstance(node, list):
+            index = _list_index(key, node, path)
+            if last:
+                node[index] = value
+                return
+            if not isinstance(node[index], dict):
+                node[index] = {}
+            node = node[index]
+            continue
+        if last:
+            node[key] = value
+            return
         child = node.get(key)
-        if not isinstance(child, dict):
+        if not isinstance(child, dict | list):
             child = {}
             node[key] = child
         node = child
-    node[path[-1]] = value
+
+
+def _list_index(key: str, items: list[Any], path: list[str]) -> int:
+    dotted = ".".join(path)
+    if not key.lstrip("-").isdigit():
+        raise ValueError(f"override '{dotted}': '{key}' must be an index into a list")
+    index = int(key)
+    if not -len(items) <= index < len(items):
+        raise ValueError(f"override '{dotted}': index {index} is outside a list of {len(items)}")
+    return index
 
 
 def env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any]]:
@@ -215,7 +282,13 @@ def load_config(
             raise ValueError(f"{file_path}: the top level must be a mapping")
         tree = loaded
     env = os.environ if environ is None else environ
-    for key_path, value in env_overrides(env) + cli_overrides(overrides):
+    changes = env_overrides(env) + cli_overrides(overrides)
+    defaults: dict[str, Any] | None = None
+    for key_path, value in changes:
+        if len(key_path) > 1 and key_path[1].isdigit() and key_path[0] not in tree:
+            # An index into a list the file does not set: start from the default list.
+            defaults = defaults or AppConfig().model_dump(mode="json", by_alias=True)
+            tree[key_path[0]] = defaults.get(key_path[0], [])
         _set_path(tree, key_path, value)
     return AppConfig.model_validate(tree)
 

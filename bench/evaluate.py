@@ -18,7 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from engine.promptset import PromptItem
+from bench.promptset import PromptItem
+from common.values import json_number
+from engine.seeds import run_seed
 from engine.selection import kl_bon_bound, kl_bon_estimate_from_logprob, select, win_rate_bound
 from engine.types import SamplingSettings, SBoNParams
 
@@ -49,7 +51,7 @@ class EvalSettings:
         run seeded like the pool would start with the pool's own first blocks.
         """
         return SamplingSettings(temperature=self.temperature, max_tokens=self.max_tokens,
-                                seed=self.seed + prompt_index * 1_009 + stream * 100_000_007)
+                                seed=run_seed(self.seed, prompt_index, stream))
 
     def check(self) -> None:
         """Refuse a grid the pool cannot serve: every draw needs n + 1 distinct samples."""
@@ -115,7 +117,7 @@ class SettingResult:
         spread = statistics.stdev(rates) / math.sqrt(len(rates)) if len(rates) > 1 else 0.0
         return {
             "method": self.method, "n": self.n,
-            "lambda": "inf" if math.isinf(self.lam) else self.lam,
+            "lambda": json_number(self.lam),
             "block_size": self.block_size,
             "reward": self._mean("reward"), "base_reward": self.base_mean,
             "reward_gain": self._mean("reward") - self.base_mean,
@@ -179,7 +181,7 @@ class EvalReport:
 
     def to_dict(self) -> dict[str, Any]:
         settings = asdict(self.settings)
-        settings["lam_grid"] = ["inf" if math.isinf(v) else v for v in self.settings.lam_grid]
+        settings["lam_grid"] = [json_number(v) for v in self.settings.lam_grid]
         return {"settings": settings, "results": self.rows()}
 
 

@@ -1,4 +1,4 @@
-"""The ``sbon`` command: serve, generate, prepare-model, bench and eval.
+"""The ``sbon`` command: serve, generate, prepare-model, and the bench and eval commands.
 
 Heavy imports (the engine, torch, vLLM) happen inside the subcommands, so ``sbon --help``
 is instant and each subcommand loads only what it uses.
@@ -35,13 +35,13 @@ def config_path(arg: str | None) -> str | None:
 
 
 def load_app_config(args: argparse.Namespace, extra: list[str] | None = None) -> Any:
-    from engine.config import load_config
+    from common.config import load_config
 
     return load_config(config_path(args.config), list(args.overrides) + (extra or []))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli_measure import add_measure_commands, lambda_arg
+    from bench.cli import add_measure_commands, lambda_arg
 
     parser = argparse.ArgumentParser(prog="sbon", description="Soft best-of-n decoding on vLLM.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,7 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     # Keep stdout for the result: the engine's own logging goes quiet below warnings.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from engine.report import render_text, result_to_dict
+    from cli.report import render_text, result_to_dict
 
     config = load_app_config(args)
     result = asyncio.run(_generate_async(config, args))
@@ -130,21 +130,20 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 async def _generate_async(config: Any, args: argparse.Namespace) -> Any:
+    from common.config import Normalization
+    from common.prompts import Message
+    from engine.resolve import SBoNOverrides, resolve_params
     from engine.runtime import start_runtime
-    from engine.selection import Normalization
-    from engine.types import SamplingSettings, SBoNParams
-    from reward.base import Message
+    from engine.types import SamplingSettings
 
-    defaults = config.sbon
-    params = SBoNParams(
-        n=args.n if args.n is not None else defaults.n,
-        lam=args.lam if args.lam is not None else defaults.lam,
-        block_size=args.block_size if args.block_size is not None else defaults.block_size,
-        normalize=Normalization(args.normalize) if args.normalize else defaults.normalize,
-        reward=args.reward,
-    )
-    if params.n < 1 or (params.block_size is not None and params.block_size < 1):
+    if (args.n is not None and args.n < 1) or (args.block_size is not None
+                                                and args.block_size < 1):
         raise ValueError("--n and --block-size must be positive")
+    params = resolve_params(config.sbon, SBoNOverrides(
+        n=args.n, lam=args.lam, block_size=args.block_size,
+        block_size_given=args.block_size is not None,
+        normalize=Normalization(args.normalize) if args.normalize else None,
+        reward=args.reward))
     sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p,
                                 max_tokens=args.max_tokens, seed=args.seed)
     prompt: Any = args.prompt if args.raw_prompt else (Message("user", args.prompt),)
