@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # SoftBoN Serve on a GPU: the service over the official vLLM CUDA image.
 #   docker build --build-arg VLLM_VERSION=0.32.0 -t softbon-serve:gpu .
 #   docker run --gpus all -p 8000:8000 -v sbon-cache:/cache softbon-serve:gpu
@@ -13,14 +12,13 @@ WORKDIR /src
 COPY pyproject.toml docker/requirements-from-pyproject.py ./
 RUN python requirements-from-pyproject.py pyproject.toml > /requirements.txt
 
-# 2. A wheel of the service itself (no dependencies).
+# 2. A wheel of the service itself (no dependencies), built from the whole build context
+#    (.dockerignore leaves out tests and local files), so every package of pyproject.toml
+#    is in it.
 FROM ${PYTHON_IMAGE} AS wheel
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY engine ./engine
-COPY reward ./reward
-COPY server ./server
-RUN pip install --no-cache-dir build==1.2.2 && python -m build --wheel --outdir /wheels .
+COPY . .
+RUN pip install --no-cache-dir build==1.2.2 && python -m build --wheel --outdir /dist .
 
 # 3. The runtime: vLLM (pinned by the base image's tag), then the requirements, then the code.
 FROM vllm/vllm-openai:v${VLLM_VERSION} AS runtime
@@ -34,9 +32,9 @@ ENV HF_HOME=/cache/huggingface \
     VLLM_LOGGING_STREAM=ext://sys.stderr
 COPY --from=requirements /requirements.txt /tmp/requirements.txt
 RUN python3 -m pip install --no-cache-dir -r /tmp/requirements.txt
-COPY --from=wheel /wheels /tmp/wheels
-RUN python3 -m pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
-    && rm -rf /tmp/wheels /tmp/requirements.txt \
+COPY --from=wheel /dist /tmp/dist
+RUN python3 -m pip install --no-cache-dir --no-deps /tmp/dist/*.whl \
+    && rm -rf /tmp/dist /tmp/requirements.txt \
     && groupadd --gid 10001 sbon && useradd --create-home --uid 10001 --gid 10001 sbon \
     && mkdir -p /cache /etc/sbon && chown sbon:sbon /cache
 COPY docker/configs/gpu.yaml /etc/sbon/config.yaml

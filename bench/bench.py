@@ -76,6 +76,11 @@ class Sample:
     generation_s: float = 0.0
     scoring_s: float = 0.0
     selection_s: float = 0.0
+    # Prompt tokens of the request's engine requests: computed, or from the prefix cache.
+    generation_computed: int = 0
+    generation_cached: int = 0
+    scoring_computed: int = 0
+    scoring_cached: int = 0
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -117,6 +122,12 @@ class MethodRun:
         return {phase: statistics.fmean(getattr(s, f"{phase}_s") for s in self.samples)
                 for phase in ("generation", "scoring", "selection")}
 
+    def prefill(self) -> dict[str, float]:
+        """Mean prompt tokens per request, computed and cached, in generation and scoring."""
+        keys = ("generation_computed", "generation_cached", "scoring_computed",
+                "scoring_cached")
+        return {key: statistics.fmean(getattr(s, key) for s in self.samples) for key in keys}
+
     @property
     def scoring_share(self) -> float:
         """Share of the requests' time spent in reward scoring."""
@@ -134,6 +145,7 @@ class MethodRun:
             "requests_per_s": self.requests_per_s,
             "latency_p50_s": self.latency(50), "latency_p95_s": self.latency(95),
             "phase_mean_s": self.phase_s(), "scoring_share": self.scoring_share,
+            "prefill_mean_tokens": self.prefill(),
             "samples": [asdict(s) for s in self.samples],
         }
 
@@ -219,9 +231,10 @@ class InProcessTarget:
         self.name = "in-process"
 
     async def reset_prefix_cache(self) -> None:
-        reset = getattr(self.runtime.backend, "reset_prefix_cache", None)
-        if reset is not None:
-            await reset()
+        for part in (self.runtime.backend, *getattr(self.runtime, "scorers", {}).values()):
+            reset = getattr(part, "reset_prefix_cache", None)
+            if reset is not None:
+                await reset()
 
     def supports(self, method: str) -> bool:
         return True
@@ -236,12 +249,17 @@ class InProcessTarget:
     async def _plain(self, index: int, request_id: str) -> Sample:
         sampling = self.settings.sampling(index, PLAIN)
         started = time.perf_counter()
-        candidates = await self.runtime.backend.generate(
-            self.prompt_ids[index], self.settings.n, sampling, self.settings.max_tokens,
-            request_id, sampling.seed)
+        backend = self.runtime.backend
+        # The floor is vLLM's own n-sampling: one engine request with n samples.
+        generate = getattr(backend, "generate_n_request", backend.generate)
+        candidates = await generate(self.prompt_ids[index], self.settings.n, sampling,
+                                    self.settings.max_tokens, request_id, sampling.seed)
         elapsed = time.perf_counter() - started
         tokens = sum(c.num_tokens for c in candidates)
-        return Sample(elapsed, tokens, tokens, generation_s=elapsed)
+        computed = sum(c.prefill.computed for c in candidates)
+        cached = sum(c.prefill.cached for c in candidates)
+        return Sample(elapsed, tokens, tokens, generation_s=elapsed,
+                      generation_computed=computed, generation_cached=cached)
 
     async def _sbon(self, method: str, index: int, request_id: str) -> Sample:
         started = time.perf_counter()
@@ -250,7 +268,9 @@ class InProcessTarget:
             self.settings.sampling(index, method), request_id, self.prompt_ids[index])
         return Sample(time.perf_counter() - started, result.tokens_generated,
                       result.completion_tokens, result.timings["generation"],
-                      result.timings["scoring"], result.timings["selection"])
+                      result.timings["scoring"], result.timings["selection"],
+                      result.prefill_generation.computed, result.prefill_generation.cached,
+                      result.prefill_scoring.computed, result.prefill_scoring.cached)
 
     async def _naive(self, index: int, request_id: str) -> Sample:
         """n single-sample requests, then one reward call per candidate, in turn."""
@@ -314,7 +334,7 @@ def render_table(report: BenchReport) -> str:
     ratio = {(r["method"], r["concurrency"]): r for r in report.ratios()}
     lines = [f"{'method':<14}{'conc':>5}{'gen tok/s':>10}{'out tok/s':>10}{'req/s':>7}"
              f"{'p50 s':>7}{'p95 s':>7}{'gen s':>7}{'score s':>8}{'sel ms':>7}{'score%':>7}"
-             f"{'x tok/s':>8}{'x req/s':>8}"]
+             f"{'x tok/s':>8}{'x req/s':>8}{'gen pf/ca':>12}{'score pf/ca':>13}"]
     for run in report.runs:
         phases = run.phase_s()
         r = ratio.get((run.method, run.concurrency))
@@ -325,5 +345,13 @@ def render_table(report: BenchReport) -> str:
             f"{run.returned_tokens_per_s:>10.1f}{run.requests_per_s:>7.3f}"
             f"{run.latency(50):>7.2f}{run.latency(95):>7.2f}{phases['generation']:>7.2f}"
             f"{phases['scoring']:>8.2f}{phases['selection'] * 1000:>7.2f}"
-            f"{run.scoring_share * 100:>6.1f}%{tok:>8}{req:>8}")
+            f"{run.scoring_share * 100:>6.1f}%{tok:>8}{req:>8}"
+            f"{_pair(run, 'generation'):>12}{_pair(run, 'scoring'):>13}")
+    lines.append("gen/score pf/ca: prompt tokens per request prefilled (computed) / served "
+                 "from the prefix cache, in generation and in reward scoring")
     return "\n".join(lines)
+
+
+def _pair(run: MethodRun, stage: str) -> str:
+    prefill = run.prefill()
+    return f"{prefill[f'{stage}_computed']:.0f}/{prefill[f'{stage}_cached']:.0f}"

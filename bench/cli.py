@@ -1,4 +1,5 @@
-"""The measurement subcommands: ``sbon bench`` (speed) and ``sbon eval`` (reward against KL).
+"""The measurement subcommands: ``sbon bench`` (speed), ``sbon eval`` (reward against KL)
+and ``sbon export`` (distillation logs as training data).
 
 Each writes a table to the terminal, a JSON file and a PNG chart (and, for eval, a Markdown
 table) into ``--out``, with a progress bar on stderr while it runs.
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.files import CHECKPOINT_NAME, EvalCheckpoint, atomic_path, run_key, write_atomic
 from common.values import lambda_value
 
 
@@ -53,7 +55,7 @@ def lambda_arg(text: str) -> float:
 def add_measure_commands(
     sub: Any, add_config_args: Callable[[argparse.ArgumentParser], None]
 ) -> None:
-    """Register ``bench`` and ``eval`` on the ``sbon`` command."""
+    """Register ``bench``, ``eval`` and ``export`` on the ``sbon`` command."""
     bench = sub.add_parser("bench", help="throughput and latency against plain vLLM sampling")
     add_config_args(bench)
     bench.add_argument("--url", help="measure a running server instead of an in-process engine")
@@ -81,7 +83,8 @@ def add_measure_commands(
     evaluate.add_argument("--block-sizes", type=_ints, default=(16,))
     evaluate.add_argument("--no-blockwise", action="store_true")
     evaluate.add_argument("--blockwise-lam", type=lambda_arg, default=1.0)
-    evaluate.add_argument("--pool", type=int, default=16, help="base samples per prompt")
+    evaluate.add_argument("--pool", type=int, default=64,
+                          help="base samples per prompt (several times the largest n)")
     evaluate.add_argument("--draws", type=int, default=200, help="selections per prompt")
     evaluate.add_argument("--prompts", type=int, default=16)
     evaluate.add_argument("--prompts-file", help="JSONL prompts (default: the shipped set)")
@@ -90,6 +93,27 @@ def add_measure_commands(
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", default="sbon-eval", help="folder for JSON, Markdown, PNG")
     evaluate.set_defaults(handler=_eval)
+
+    export = sub.add_parser(
+        "export", help="turn distillation logs into training data (pairs, sft, scored)")
+    export.add_argument("log_dir", metavar="LOG_DIR", help="the datalog folder (or one file)")
+    export.add_argument("--format", required=True, choices=("pairs", "sft", "scored"),
+                        dest="data_format", help="pairs: prompt/chosen/rejected; sft: "
+                        "prompt/completion; scored: prompt/completions/rewards/weights")
+    export.add_argument("--out", required=True, help="output file (.jsonl or .parquet)")
+    export.add_argument("--as", dest="as_", choices=("jsonl", "parquet"),
+                        help="output format when the extension does not say")
+    export.add_argument("--only", choices=("chat", "text"),
+                        help="export only records with chat (or only with text) prompts")
+    export.set_defaults(handler=_export)
+
+
+def _export(args: argparse.Namespace, load_app_config: Callable[..., Any]) -> int:
+    from bench.export import export
+
+    stats = export(args.log_dir, args.data_format, args.out, args.as_, args.only)
+    print(f"{args.out}: {stats.summary()}", file=sys.stderr)
+    return 0
 
 
 def _progress(total: int, label: str) -> Any:
@@ -123,8 +147,9 @@ def _bench(args: argparse.Namespace, load_app_config: Callable[..., Any]) -> int
     bar.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report.to_dict(), indent=2))
-    bench_chart(report, out / "bench.png")
+    write_atomic(out / "bench.json", json.dumps(report.to_dict(), indent=2))
+    with atomic_path(out / "bench.png") as chart:
+        bench_chart(report, chart)
     print(render_table(report))
     print(f"\nwritten: {out / 'bench.json'}, {out / 'bench.png'}")
     return 0
@@ -166,26 +191,35 @@ def _eval(args: argparse.Namespace, load_app_config: Callable[..., Any]) -> int:
     prompts = load_prompts(args.prompts_file, args.prompts)
     settings = dataclasses.replace(settings, prompts=len(prompts))
     _quiet_engine()
-    bar = _progress(len(prompts) * (1 + len(settings.block_sizes)), "eval")
-    report = asyncio.run(_eval_local(load_app_config(args), prompts, settings, bar.update))
-    bar.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # Each prompt's finished work is kept as it completes: an interrupted run resumes.
+    checkpoint = EvalCheckpoint(out / CHECKPOINT_NAME, run_key(settings, prompts))
+    if checkpoint.resumed:
+        print(f"resuming: {checkpoint.resumed} finished pieces in {checkpoint.path}",
+              file=sys.stderr)
+    bar = _progress(len(prompts) * (1 + len(settings.block_sizes)), "eval")
+    report = asyncio.run(_eval_local(load_app_config(args), prompts, settings, bar.update,
+                                     checkpoint))
+    bar.close()
     table = markdown_table(report)
-    (out / "eval.json").write_text(json.dumps(report.to_dict(), indent=2))
-    (out / "eval.md").write_text(table + "\n")
-    eval_chart(report, out / "eval.png")
+    write_atomic(out / "eval.json", json.dumps(report.to_dict(), indent=2))
+    write_atomic(out / "eval.md", table + "\n")
+    with atomic_path(out / "eval.png") as chart:
+        eval_chart(report, chart)
+    checkpoint.remove()
     print(table)
     print(f"\nwritten: {out / 'eval.json'}, {out / 'eval.md'}, {out / 'eval.png'}")
     return 0
 
 
-async def _eval_local(config: Any, prompts: Any, settings: Any, tick: Any) -> Any:
+async def _eval_local(config: Any, prompts: Any, settings: Any, tick: Any,
+                      checkpoint: Any = None) -> Any:
     from bench.evaluate import run_eval
     from engine.runtime import start_runtime
 
     runtime = await start_runtime(config)
     try:
-        return await run_eval(runtime, prompts, settings, tick)
+        return await run_eval(runtime, prompts, settings, tick, checkpoint)
     finally:
         await runtime.close()

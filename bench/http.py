@@ -74,6 +74,9 @@ class HTTPTarget:
         elapsed, reply = await self._post(self._body(index, method, sbon), request_id)
         info = reply["choices"][0]["sbon"]
         timings = info["timings_s"]
+        prefilled, cached = info.get("tokens_prefilled", {}), info.get("tokens_cached", {})
         return Sample(elapsed, int(info["tokens_generated"]),
                       int(reply["usage"]["completion_tokens"]), timings["generation"],
-                      timings["scoring"], timings["selection"])
+                      timings["scoring"], timings["selection"],
+                      int(prefilled.get("generation", 0)), int(cached.get("generation", 0)),
+                      int(prefilled.get("scoring", 0)), int(cached.get("scoring", 0)))

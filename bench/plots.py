@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -51,34 +52,52 @@ def bench_chart(report: BenchReport, path: Path) -> Path:
 
 
 def eval_chart(report: EvalReport, path: Path) -> Path:
-    """Reward and win rate against KL(weights || uniform), one curve per method."""
+    """Reward and win rate against the pool-based KL estimate, one curve per method.
+
+    Every pool setting sits at its KL(selection probabilities ‖ uniform over the pool); hard
+    best-of-n is also marked at its analytic bound log n - (n-1)/n. Blockwise runs are not
+    drawn from the pool and have no such estimate: they show as a level line.
+    """
     plt = _pyplot()
     rows = report.rows()
+    s = report.settings
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    styles = {BON: ("o-", "n"), SOFT: ("s-", "lambda"), BLOCKWISE: ("^", "block_size")}
-    for method, (style, key) in styles.items():
-        chosen = [r for r in rows if r["method"] == method]
+    curves = {BON: ("o-", "n", "best-of-n (lambda = 0), n grows"),
+              SOFT: ("s-", "λ", f"soft best-of-n, n = {s.soft_n}, lambda varies")}
+    for method, (style, key, label) in curves.items():
+        chosen = [r for r in rows if r["method"] == method and r["kl_pool"] is not None]
         if not chosen:
             continue
-        label = {BON: "best-of-n (lambda = 0), n grows",
-                 SOFT: f"soft best-of-n, n = {report.settings.soft_n}, lambda varies",
-                 BLOCKWISE: f"blockwise, n = {report.settings.soft_n}, "
-                            f"lambda = {report.settings.blockwise_lam:g}"}[method]
-        xs = [r["kl_from_uniform"] for r in chosen]
+        xs = [r["kl_pool"] for r in chosen]
         for axis, field in ((left, "reward"), (right, "win_rate")):
-            axis.plot(xs, [r[field] for r in chosen], style, label=label)
-            for x, r in zip(xs, chosen, strict=True):
-                axis.annotate(f"{key[0] if key != 'lambda' else 'λ'}={r[key]}", (x, r[field]),
-                              fontsize=7, textcoords="offset points", xytext=(4, 4))
+            ys = [r[field] for r in chosen]
+            axis.plot(xs, ys, style, label=label)
+            for x, y, r in zip(xs, ys, chosen, strict=True):
+                value = r["n"] if method == BON else r["lambda"]
+                axis.annotate(f"{key}={value}", (x, y), fontsize=7, textcoords="offset points",
+                              xytext=(4, 4))
+            if method == BON:
+                bounds = [r["kl_bon_bound"] for r in chosen]
+                axis.scatter(bounds, ys, marker="|", s=150, color="black",
+                             label="best-of-n at its analytic bound log n - (n-1)/n")
+                for x, bound, y in zip(xs, bounds, ys, strict=True):
+                    axis.plot([x, bound], [y, y], ":", color="black", linewidth=0.8)
+    for r in rows:
+        if r["method"] == BLOCKWISE:
+            label = (f"blockwise B = {r['block_size']}, n = {s.soft_n}, "
+                     f"lambda = {s.blockwise_lam:g} (no pool KL: level only)")
+            left.axhline(r["reward"], color="tab:green", linestyle="--", label=label)
+            right.axhline(r["win_rate"], color="tab:green", linestyle="--", label=label)
     left.axhline(rows[0]["base_reward"], color="grey", linestyle=":", label="base model")
     right.axhline(0.5, color="grey", linestyle=":", label="1/2 (base against base)")
     left.set_ylabel("mean reward of the selected response")
     right.set_ylabel("win rate against a base sample")
     for axis in (left, right):
-        axis.set_xlabel("KL of the selection weights from uniform (nats; bounds KL to base)")
-        axis.legend(fontsize=8)
-    fig.suptitle(f"sbon eval: {report.settings.prompts} prompts, pool {report.settings.pool}, "
-                 f"{report.settings.max_tokens} tokens")
+        axis.set_xlabel("KL(selection probabilities ‖ uniform over the pool), nats")
+        axis.legend(fontsize=7)
+    fig.suptitle(f"sbon eval: {s.prompts} prompts, pool {s.pool}, {s.max_tokens} tokens; "
+                 f"pool KL estimate for every method (at most log {s.pool} = "
+                 f"{math.log(s.pool):.2f})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,8 +1,9 @@
 """Benchmark of reward scoring: full recomputation against a shared prompt KV cache.
 
-``python -m reward.bench --model FOLDER_OR_ID`` scores n responses to one prompt both ways
-on the same inputs and prints seconds per call and the speed-up. Without ``--model`` it
-builds a randomly initialised classifier shaped like the policy in ``--shape-from``.
+``python -m bench.reward_scoring --model FOLDER_OR_ID`` scores n responses to one prompt
+both ways on the same inputs and prints seconds per call and the speed-up. Without
+``--model`` it builds a randomly initialised classifier shaped like the policy in
+``--shape-from``.
 """
 
 from __future__ import annotations
@@ -18,14 +19,23 @@ from common.config import HFRewardConfig
 from reward.hf import HFRewardScorer
 
 
-def build_classifier(shape_from: str, out: Path) -> Path:
-    """A sequence classifier with the architecture and tokenizer of ``shape_from``."""
+def build_classifier(shape_from: str, out: Path, layers: int | None = None,
+                     hidden: int | None = None) -> Path:
+    """A randomly initialised sequence classifier with the architecture and tokenizer of
+    ``shape_from``, optionally shrunk to ``layers`` layers of width ``hidden`` (heads of 32
+    dimensions, which every attention kernel takes)."""
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(shape_from)
     config.num_labels = 1
+    if layers is not None:
+        config.num_hidden_layers = layers
+    if hidden is not None:
+        config.hidden_size, config.intermediate_size = hidden, 2 * hidden
+        config.num_attention_heads = config.num_key_value_heads = max(1, hidden // 32)
+        config.head_dim = hidden // config.num_attention_heads
     tokenizer = AutoTokenizer.from_pretrained(shape_from)
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
@@ -83,9 +93,16 @@ def main() -> None:
     parser.add_argument("--response-words", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--save-to", help="only write a classifier shaped from --shape-from "
+                        "into this folder (for `sbon bench --reward` with a model reward)")
+    parser.add_argument("--layers", type=int, help="with --save-to: number of layers")
+    parser.add_argument("--hidden", type=int, help="with --save-to: hidden size")
     args = parser.parse_args()
     if not args.model and not args.shape_from:
         parser.error("give --model or --shape-from")
+    if args.save_to:
+        print(build_classifier(args.shape_from, Path(args.save_to), args.layers, args.hidden))
+        return
     asyncio.run(run(args))
 
 

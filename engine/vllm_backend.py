@@ -12,16 +12,21 @@ import asyncio
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from common.config import AppConfig
 from common.prompts import Prompt, chat_messages, prompt_as_text
 from engine.backend import BackendError, InvalidGenerationRequest, PromptTooLongError
 from engine.model_prep import resolve_model_path
-from engine.types import Candidate, SamplingSettings
+from engine.types import Candidate, PrefillTokens, SamplingSettings
+from reward.judge import LabelLogprobs
 
 logger = logging.getLogger(__name__)
+
+# The prefix cache reuses whole KV blocks only. vLLM's CPU default (128 tokens) leaves a
+# short judge query or block tail uncached; its attention kernel takes multiples of 32.
+CPU_KV_BLOCK_SIZE = 32
 
 
 def engine_args_kwargs(config: AppConfig, model_path: str) -> dict[str, Any]:
@@ -52,6 +57,9 @@ def engine_args_kwargs(config: AppConfig, model_path: str) -> dict[str, Any]:
     }
     if config.model.revision:
         kwargs["revision"] = config.model.revision
+    block_size = engine.kv_block_size or (CPU_KV_BLOCK_SIZE if _on_cpu() else None)
+    if block_size:
+        kwargs["block_size"] = block_size
     if engine.distributed_executor_backend:
         kwargs["distributed_executor_backend"] = engine.distributed_executor_backend
     if engine.max_num_seqs:
@@ -95,6 +103,34 @@ def _apply_cpu_kv_cache(config: AppConfig) -> None:
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(config.engine.kv_cache_gib)))
 
 
+def engine_environment(config: AppConfig, on_cpu: bool,
+                       environ: Mapping[str, str]) -> dict[str, str]:
+    """Environment variables the engine's processes need, beyond what ``environ`` has.
+
+    They are read by the engine core process, which vLLM spawns: set them before it starts.
+
+    - ``TORCHDYNAMO_DISABLE``: on the CPU backend torch.compile (vLLM compiles helper kernels
+      even in eager mode) needs a C++ compiler at run time; without one the first request
+      kills the engine. ``engine.torch_compile`` decides; unset, compile is off on the CPU
+      backend with ``enforce_eager`` unless the environment already says.
+    - ``VLLM_ENABLE_V1_MULTIPROCESSING=0``: with one CPU worker (nothing parallel) the
+      worker runs inside the engine core process (vLLM's single-process executor) instead of
+      a child connected by ring buffers in /dev/shm (about 400 MiB; containers get 64 MiB).
+    """
+    engine = config.engine
+    wanted: dict[str, str] = {}
+    if engine.torch_compile is not None:
+        wanted["TORCHDYNAMO_DISABLE"] = "0" if engine.torch_compile else "1"
+    elif on_cpu and engine.enforce_eager and "TORCHDYNAMO_DISABLE" not in environ:
+        wanted["TORCHDYNAMO_DISABLE"] = "1"
+    single = (engine.tensor_parallel_size * engine.pipeline_parallel_size
+              * engine.data_parallel_size) == 1
+    if (on_cpu and single and engine.distributed_executor_backend in (None, "uni")
+            and "VLLM_ENABLE_V1_MULTIPROCESSING" not in environ):
+        wanted["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return wanted
+
+
 class VLLMBackend:
     """:class:`engine.backend.GenerationBackend` over ``vllm.v1.engine.async_llm.AsyncLLM``."""
 
@@ -112,8 +148,11 @@ class VLLMBackend:
 
         self.model_path = await asyncio.to_thread(resolve_model_path, self._config.model)
         _apply_cpu_kv_cache(self._config)
+        os.environ.update(engine_environment(self._config, _on_cpu(), os.environ))
         args = build_engine_args(self._config, self.model_path)
-        self._engine = AsyncLLM.from_engine_args(args)
+        # In a worker thread: building the engine takes seconds to minutes, and the server's
+        # event loop must keep answering /health (503) meanwhile.
+        self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         self._tokenizer = self._engine.get_tokenizer()
         logger.info("engine ready", extra={"model": self.model_name})
 
@@ -173,7 +212,10 @@ class VLLMBackend:
             presence_penalty=sampling.presence_penalty,
             frequency_penalty=sampling.frequency_penalty,
             max_tokens=min(max_tokens, self.max_model_len - prompt_len),
-            stop=list(sampling.stop) or None,
+            stop=_stops(sampling),
+            # A step delimiter stays in the block's text; a client's stop strings are cut
+            # from it again below (``_without_client_stop``).
+            include_stop_str_in_output=bool(sampling.block_delimiter),
             seed=seed,
             logprobs=0,  # the sampled token's log-probability gives the cumulative one
             output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
@@ -207,6 +249,44 @@ class VLLMBackend:
         request_id: str,
         seed: int | None,
     ) -> list[Candidate]:
+        """``n`` samples, one engine request each, sample i seeded ``seed + i``.
+
+        Samples that start at the same instant cannot share a prefix none of them has
+        computed yet, so each would prefill the uncached part of the prompt itself. The
+        first sample goes alone until its prefill is done; the others then find the
+        prompt's KV blocks in the prefix cache (one engine step later).
+        """
+        prefilled = asyncio.Event()
+
+        async def first() -> Candidate:
+            async for item in self._sample(prompt_token_ids, sampling, max_tokens,
+                                           f"{request_id}-0", seed, prefilled):
+                if isinstance(item, Candidate):
+                    return item
+            raise BackendError("the engine returned no output")
+
+        async def other(index: int) -> Candidate:
+            await prefilled.wait()
+            async for item in self._sample(prompt_token_ids, sampling, max_tokens,
+                                           f"{request_id}-{index}", _sample_seed(seed, index)):
+                if isinstance(item, Candidate):
+                    return item
+            raise BackendError("the engine returned no output")
+
+        tasks = [first(), *(other(i) for i in range(1, n))]
+        try:
+            async with asyncio.TaskGroup() as group:
+                running = [group.create_task(t) for t in tasks]
+        except BaseExceptionGroup as errors:
+            raise _first_error(errors) from None
+        return [task.result() for task in running]
+
+    async def generate_n_request(self, prompt_token_ids: Sequence[int], n: int,
+                                 sampling: SamplingSettings, max_tokens: int, request_id: str,
+                                 seed: int | None) -> list[Candidate]:
+        """vLLM's own n-sampling: one engine request with ``n`` samples (the benchmark's
+        floor). vLLM reports the prefix-cache hits of one sample only, so the counts are
+        that sample's, times n."""
         params = self._sampling_params(len(prompt_token_ids), n, sampling, max_tokens, seed,
                                        delta=False)
         final = None
@@ -214,7 +294,10 @@ class VLLMBackend:
             final = output
         if final is None:
             raise BackendError("the engine returned no output")
-        return [_candidate(o) for o in sorted(final.outputs, key=lambda o: o.index)]
+        prefill = prefill_tokens(len(prompt_token_ids), final.num_cached_tokens)
+        return [Candidate(tuple(o.token_ids), o.text, o.cumulative_logprob, o.finish_reason,
+                          o.stop_reason, prefill)
+                for o in sorted(final.outputs, key=lambda o: o.index)]
 
     async def generate_stream(
         self,
@@ -224,21 +307,39 @@ class VLLMBackend:
         request_id: str,
         seed: int | None,
     ) -> AsyncIterator[str | Candidate]:
+        async for item in self._sample(prompt_token_ids, sampling, max_tokens, request_id, seed):
+            yield item
+
+    async def _sample(self, prompt_token_ids: Sequence[int], sampling: SamplingSettings,
+                      max_tokens: int, request_id: str, seed: int | None,
+                      prefilled: asyncio.Event | None = None) -> AsyncIterator[str | Candidate]:
+        """One sample: text deltas as they decode, then the :class:`Candidate`.
+
+        ``prefilled`` is set once the engine has computed the prompt (its first output).
+        """
         params = self._sampling_params(len(prompt_token_ids), 1, sampling, max_tokens, seed,
                                        delta=True)
         token_ids: list[int] = []
         text: list[str] = []
-        last = None
-        async for output in self._outputs(prompt_token_ids, params, request_id):
-            last = output.outputs[0]
-            token_ids.extend(last.token_ids)
-            if last.text:
-                text.append(last.text)
-                yield last.text
-        if last is None:
+        last = output = None
+        try:
+            async for output in self._outputs(prompt_token_ids, params, request_id):
+                if prefilled is not None:
+                    prefilled.set()
+                last = output.outputs[0]
+                token_ids.extend(last.token_ids)
+                if last.text:
+                    text.append(last.text)
+                    yield last.text
+        finally:
+            if prefilled is not None:
+                prefilled.set()  # never leave the other samples waiting
+        if last is None or output is None:
             raise BackendError("the engine returned no output")
-        yield Candidate(tuple(token_ids), "".join(text), last.cumulative_logprob,
-                        last.finish_reason, last.stop_reason)
+        full_text = _without_client_stop("".join(text), last.stop_reason, sampling)
+        yield Candidate(tuple(token_ids), full_text, last.cumulative_logprob,
+                        last.finish_reason, last.stop_reason,
+                        prefill_tokens(len(prompt_token_ids), output.num_cached_tokens))
 
     async def reset_prefix_cache(self) -> bool:
         """Drop the engine's cached prefixes (used between benchmark methods)."""
@@ -246,38 +347,45 @@ class VLLMBackend:
             return False
         return bool(await self._engine.reset_prefix_cache())
 
-    async def label_logprobs(self, prompt: Prompt, labels: Sequence[str]) -> list[float]:
-        """Log-probabilities of each label's first token as the model's next token.
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of a piece of text inside a conversation (no special tokens added)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-        Used by the judge reward: the prompt is rendered with the chat template and the
-        engine returns the log-probabilities of exactly these token ids.
-        """
+    def follow_up_ids(self, question: str) -> list[int]:
+        """Tokens that close the assistant's turn and ask ``question`` as the next user turn,
+        then open the assistant's answer: what follows a response in the chat template."""
+        tokenizer = self.tokenizer
+        if getattr(tokenizer, "chat_template", None) is None:
+            return self.encode_text(f"\nuser: {question}\nassistant:")
+        mark = "SBON-RESPONSE-END"
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "?"}, {"role": "assistant", "content": mark},
+             {"role": "user", "content": question}],
+            add_generation_prompt=True, tokenize=False)
+        return self.encode_text(rendered[rendered.index(mark) + len(mark):])
+
+    async def label_logprobs(self, token_ids: Sequence[int],
+                             labels: Sequence[str]) -> LabelLogprobs:
+        """Log-probabilities of each label's first token as the next token after
+        ``token_ids`` (the judge reward's query), with the query's prefill accounting."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         if self._engine is None:
             raise BackendError("the engine is not started")
-        token_ids = [self._label_token(label) for label in labels]
-        ids = self.encode_prompt(prompt)
-        if len(ids) + 1 > self.max_model_len:
-            ids = ids[-(self.max_model_len - 1) :]
-        params = SamplingParams(
-            n=1,
-            max_tokens=1,
-            temperature=1.0,
-            logprob_token_ids=token_ids,
-            output_kind=RequestOutputKind.FINAL_ONLY,
-        )
+        label_ids = [self._label_token(label) for label in labels]
+        params = SamplingParams(n=1, max_tokens=1, temperature=1.0,
+                                logprob_token_ids=label_ids,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
-        async for output in self._engine.generate(
-            TokensPrompt(prompt_token_ids=ids), params, f"judge-{uuid.uuid4().hex}"
-        ):
+        async for output in self._outputs(token_ids, params, f"judge-{uuid.uuid4().hex}"):
             final = output
         if final is None or not final.outputs[0].logprobs:
             raise BackendError("the engine returned no log-probabilities")
         step = final.outputs[0].logprobs[0]
-        return [float(step[t].logprob) for t in token_ids]
+        prefill = prefill_tokens(len(token_ids), final.num_cached_tokens)
+        return LabelLogprobs([float(step[t].logprob) for t in label_ids],
+                             prefill.computed, prefill.cached)
 
     def _label_token(self, label: str) -> int:
         ids = self.tokenizer.encode(label, add_special_tokens=False)
@@ -286,11 +394,37 @@ class VLLMBackend:
         return int(ids[0])
 
 
-def _candidate(output: Any) -> Candidate:
-    return Candidate(
-        token_ids=tuple(output.token_ids),
-        text=output.text,
-        cumulative_logprob=output.cumulative_logprob,
-        finish_reason=output.finish_reason,
-        stop_reason=output.stop_reason,
-    )
+def prefill_tokens(prompt_len: int, cached: int | None) -> PrefillTokens:
+    """Computed and cached prompt tokens of one engine request, as vLLM reports them."""
+    hit = min(max(int(cached or 0), 0), prompt_len)
+    return PrefillTokens(computed=prompt_len - hit, cached=hit)
+
+
+def _stops(sampling: SamplingSettings) -> list[str] | None:
+    stops = list(sampling.stop)
+    if sampling.block_delimiter and sampling.block_delimiter not in stops:
+        stops.append(sampling.block_delimiter)
+    return stops or None
+
+
+def _without_client_stop(text: str, stop_reason: str | int | None,
+                         sampling: SamplingSettings) -> str:
+    """The text without a client's stop string, which vLLM kept because a step delimiter
+    asked it to keep stop strings (OpenAI's stop strings are never returned)."""
+    if (sampling.block_delimiter and isinstance(stop_reason, str)
+            and stop_reason in sampling.stop and text.endswith(stop_reason)):
+        return text[: len(text) - len(stop_reason)]
+    return text
+
+
+def _sample_seed(seed: int | None, index: int) -> int | None:
+    # The seeds vLLM itself gives the samples of an n-request: seed + index.
+    return None if seed is None else seed + index
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    leaves = list(group.exceptions)
+    while leaves and isinstance(leaves[0], BaseExceptionGroup):
+        leaves = list(leaves[0].exceptions) + leaves[1:]
+    real = [e for e in leaves if not isinstance(e, asyncio.CancelledError)]
+    return (real or leaves or [BackendError("generation failed")])[0]

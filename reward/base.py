@@ -8,6 +8,7 @@ reward model with a chat template can format the conversation as it was trained.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from common.prompts import Prompt
@@ -34,6 +35,55 @@ class RewardScorer(Protocol):
     async def close(self) -> None:
         """Release resources."""
         ...
+
+
+@dataclass(frozen=True)
+class BlockQuery:
+    """One selection step's candidates, with the token ids that let a model reward reuse
+    the KV of everything they share (prompt, earlier blocks) from a prefix cache.
+
+    Token ids are the policy tokenizer's: ``prompt_ids`` end with the chat template's
+    generation prompt, ``prefix_ids`` are the chosen blocks so far, ``block_ids[i]`` is
+    candidate i's new block. The texts say the same in characters.
+    """
+
+    prompt: Prompt
+    prompt_ids: Sequence[int]
+    prefix_text: str
+    prefix_ids: Sequence[int]
+    block_texts: Sequence[str]
+    block_ids: Sequence[Sequence[int]]
+
+    def responses(self) -> list[str]:
+        """Each candidate's whole response so far: prefix + its block."""
+        return [self.prefix_text + text for text in self.block_texts]
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Rewards of one block's candidates, and the prompt tokens the reward model computed
+    and found cached (zero when the backend does not run through a prefix cache)."""
+
+    rewards: list[float]
+    computed_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@runtime_checkable
+class BlockScorer(Protocol):
+    """A scorer that takes a whole block at once with its token ids (prefix-cache aware)."""
+
+    async def score_block(self, query: BlockQuery) -> Scores:
+        """Score every candidate of ``query``; rewards in candidate order."""
+        ...
+
+
+async def score_block(scorer: RewardScorer, query: BlockQuery) -> Scores:
+    """Score one block with ``scorer``: token-aware when it can be, by text otherwise."""
+    if isinstance(scorer, BlockScorer):
+        return await scorer.score_block(query)
+    responses = query.responses()
+    return Scores(await scorer.score([query.prompt] * len(responses), responses))
 
 
 def check_lengths(prompts: Sequence[Prompt], responses: Sequence[str]) -> None:

@@ -4,7 +4,8 @@ The standard format of real reward models (Skywork-Reward, ArmoRM, OpenAssistant
 models): ``AutoModelForSequenceClassification`` with one output logit, or a chosen label.
 (prompt, response) pairs are formatted with the reward model's own chat template when it has
 one. Concurrent requests are gathered into shared batches, split by a token budget, and run
-on one worker thread so the event loop never blocks.
+on one worker thread so the event loop never blocks; a batch that fails is retried request by
+request, and the reward's ``timeout_s`` bounds every call (engine/guarded.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -64,6 +64,7 @@ class HFRewardScorer:
 
     def __init__(self, config: HFRewardConfig) -> None:
         self.name = config.name
+        self.timeout_s = config.timeout_s  # applied by engine/guarded.py to every call
         self._config = config
         self._model: Any = None
         self._tokenizer: Any = None
@@ -139,6 +140,11 @@ class HFRewardScorer:
         )
 
     @property
+    def healthy(self) -> bool:
+        """Loaded, and its batching worker still running."""
+        return self._worker is not None and not self._worker.done()
+
+    @property
     def shares_prompt_kv(self) -> bool:
         return self._share_kv
 
@@ -200,7 +206,6 @@ class HFRewardScorer:
     async def _serve(self) -> None:
         """Gather what arrives within ``batch_wait_ms`` into one forward pass series."""
         assert self._queue is not None
-        loop = asyncio.get_running_loop()
         while True:
             pending = [await self._queue.get()]
             if self._config.batch_wait_ms > 0:
@@ -208,24 +213,38 @@ class HFRewardScorer:
             while not self._queue.empty():
                 pending.append(self._queue.get_nowait())
             pending = [p for p in pending if not p.future.cancelled()]
-            if not pending:
-                continue
-            items = [t for p in pending for t in p.items]
-            try:
-                values = await loop.run_in_executor(self._executor, self._score_items, items)
-            except Exception as exc:  # delivered to every waiting request
-                error = exc if isinstance(exc, RewardError) else RewardError(
-                    f"reward '{self.name}' failed: {type(exc).__name__}")
-                for p in pending:
-                    if not p.future.done():
-                        p.future.set_exception(error)
-                logger.exception("reward scoring failed", extra={"reward": self.name})
-                continue
-            offset = 0
-            for p in pending:
-                if not p.future.done():
-                    p.future.set_result(values[offset : offset + len(p.items)])
-                offset += len(p.items)
+            if pending:
+                await self._run_batch(pending)
+
+    async def _run_batch(self, pending: list[_Pending]) -> None:
+        """Score one shared batch; if it fails, score each request on its own, so that one
+        client's input that breaks the model fails that client's request only."""
+        loop = asyncio.get_running_loop()
+        items = [t for p in pending for t in p.items]
+        try:
+            values = await loop.run_in_executor(self._executor, self._score_items, items)
+        except Exception as exc:
+            if len(pending) == 1:
+                self._fail(pending[0], exc)
+                return
+            logger.warning("a shared reward batch failed; scoring its requests one by one",
+                           extra={"reward": self.name, "requests": len(pending)})
+            for one in pending:
+                if not one.future.done():
+                    await self._run_batch([one])
+            return
+        offset = 0
+        for p in pending:
+            if not p.future.done():
+                p.future.set_result(values[offset : offset + len(p.items)])
+            offset += len(p.items)
+
+    def _fail(self, pending: _Pending, exc: Exception) -> None:
+        error = exc if isinstance(exc, RewardError) else RewardError(
+            f"reward '{self.name}' failed: {type(exc).__name__}")
+        if not pending.future.done():
+            pending.future.set_exception(error)
+        logger.error("reward scoring failed", extra={"reward": self.name}, exc_info=exc)
 
     def _encode(self, text: str) -> list[int]:
         # A chat template already writes the special tokens the model was trained with.
@@ -304,6 +323,4 @@ class HFRewardScorer:
     def _collect(self, logits: Any, batch: list[int], results: list[float]) -> None:
         column = logits[:, self._label_index].float().cpu().tolist()
         for i, value in zip(batch, column, strict=True):
-            if math.isnan(value):
-                raise RewardError(f"reward '{self.name}' produced NaN")
-            results[i] = float(value)
+            results[i] = float(value)  # non-finite values are the guard's to refuse

@@ -1,8 +1,10 @@
 """One error shape for every failure: OpenAI's ``{"error": {message, type, param, code}}``.
 
 Typed exceptions are mapped to status codes here and nowhere else: 400 invalid request
-(FastAPI's validation errors included), 404 unknown model or reward, 429 overloaded, 503
-engine or reward model unavailable, 500 with a generic message and the traceback in the log.
+(FastAPI's validation errors included), 401 missing key, 404 unknown model or reward, 413
+body too large, 429 overloaded (with Retry-After), 503 engine or reward unavailable, loading
+or shutting down, 504 past the request's deadline, 500 with a generic message and the
+traceback in the log. Messages never carry text that JSON cannot encode.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.backend import BackendError, InvalidGenerationRequest
+from engine.guarded import RewardFailure
 from engine.sbon import UnknownRewardError
 from reward.base import RewardError
 
@@ -31,12 +34,16 @@ class APIError(Exception):
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
-        self.message = message
-        self.param = param
+        self.message = well_formed(message)
+        self.param = well_formed(param) if param is not None else None
         self.code = code
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
+
+    def headers(self) -> dict[str, str] | None:
+        """Extra response headers (Retry-After on 429)."""
+        return None
 
 
 class InvalidRequest(APIError):
@@ -54,14 +61,28 @@ class NotFound(APIError):
     type = "invalid_request_error"
 
 
+class PayloadTooLarge(APIError):
+    status = 413
+    type = "invalid_request_error"
+
+
 class Overloaded(APIError):
     status = 429
     type = "rate_limit_error"
+    retry_after_s = 1  # the work in flight frees capacity within seconds
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class Unavailable(APIError):
     status = 503
     type = "service_unavailable_error"
+
+
+class DeadlineExceeded(APIError):
+    status = 504
+    type = "timeout_error"
 
 
 class InternalError(APIError):
@@ -72,6 +93,27 @@ class InternalError(APIError):
 def error_body(message: str, type_: str, param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def well_formed(text: str) -> str:
+    """``text`` with lone surrogates (which UTF-8 cannot encode) replaced."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+def reward_error(exc: RewardFailure) -> Unavailable:
+    """A failed reward as the client sees it: the reward named, the cause only in the log."""
+    messages = {
+        "timeout": f"The reward '{exc.reward}' did not answer in time.",
+        "invalid": f"The reward '{exc.reward}' returned a value that is not a finite number.",
+        "error": f"The reward '{exc.reward}' is unavailable.",
+    }
+    codes = {"timeout": "reward_timeout", "invalid": "reward_invalid",
+             "error": "reward_unavailable"}
+    return Unavailable(messages[exc.kind], "sbon.reward", codes[exc.kind])
 
 
 def to_api_error(exc: BaseException) -> APIError:
@@ -86,6 +128,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return InvalidRequest(str(exc), None, "invalid_generation_request")
     if isinstance(exc, BackendError):
         return Unavailable("The generation engine is unavailable.", None, "engine_unavailable")
+    if isinstance(exc, RewardFailure):
+        return reward_error(exc)
     if isinstance(exc, RewardError):
         return Unavailable("The reward model is unavailable.", "sbon.reward",
                            "reward_unavailable")
@@ -94,7 +138,8 @@ def to_api_error(exc: BaseException) -> APIError:
 
 
 def error_response(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    return JSONResponse(error.body(), status_code=error.status,
+                        headers={**(error.headers() or {}), **(headers or {})})
 
 
 def sse_error_frame(error: APIError) -> str:

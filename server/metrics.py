@@ -35,6 +35,9 @@ class Metrics:
             ["endpoint", "status"], registry=r)
         self.in_flight = Gauge(
             f"{PREFIX}_requests_in_flight", "Completion requests being served now.", registry=r)
+        self.candidates_in_flight = Gauge(
+            f"{PREFIX}_candidates_in_flight", "Candidates admitted and not yet finished "
+            "(prompts x n x sbon.n per request; limits.max_candidates_in_flight).", registry=r)
         self.engine_requests = Gauge(
             f"{PREFIX}_engine_unfinished_requests",
             "Engine requests queued or running now (candidates and judge queries).", registry=r)
@@ -53,6 +56,11 @@ class Metrics:
             f"{PREFIX}_completion_tokens", "Tokens of the returned completions.", registry=r)
         self.prompt_tokens = Counter(
             f"{PREFIX}_prompt_tokens", "Prompt tokens of served requests.", registry=r)
+        self.prefill_tokens = Counter(
+            f"{PREFIX}_prefill_tokens",
+            "Prompt tokens of engine requests by stage (generation, scoring) and by whether "
+            "they were computed or served from the prefix cache.",
+            ["stage", "source"], registry=r)
         self.selections = Counter(
             f"{PREFIX}_selections", "Soft best-of-n selections (one per block).", registry=r)
         self.chosen_reward = Histogram(
@@ -67,6 +75,14 @@ class Metrics:
         self.kl_estimate = Histogram(
             f"{PREFIX}_kl_estimate_nats", "Best-of-n KL estimator D(eps), summed over blocks.",
             buckets=KL_BUCKETS, registry=r)
+
+        self.datalog_records = Counter(
+            f"{PREFIX}_datalog_records", "Distillation log records by outcome: written "
+            "(fsynced), dropped (the queue was full) or failed (a write error).",
+            ["outcome"], registry=r)
+        self.datalog_queue = Gauge(
+            f"{PREFIX}_datalog_queue_records", "Distillation log records waiting to be "
+            "written.", registry=r)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""

@@ -10,9 +10,9 @@ set to anything but their neutral value.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from common.config import Normalization
 from common.prompts import Message
@@ -39,6 +39,22 @@ UNSUPPORTED_FIELDS: dict[str, Any] = {
 }
 
 
+def _well_formed(text: str) -> str:
+    # A lone surrogate ("\ud800" in JSON) is valid JSON but not text: no tokenizer, reward
+    # model or response encoder can take it, so it is refused here with a 400.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it contains a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_well_formed)]
+"""A string that is valid Unicode text; its length is checked against the limits later."""
+Name = Annotated[str, AfterValidator(_well_formed), Field(max_length=256)]
+"""A short identifier-like string (model, user, message name)."""
+
+
 class StrictModel(BaseModel):
     """Refuses unknown fields, so nothing a client sends is silently ignored."""
 
@@ -55,10 +71,19 @@ class SBoNOptions(StrictModel):
     block_size: int | None = Field(
         default=None, ge=1,
         description="tokens per block; null = one selection per response, absent = the default")
-    reward: str | None = Field(default=None, description="a configured reward's name")
+    reward: Name | None = Field(default=None, description="a configured reward's name")
     normalize: Normalization | None = Field(
         default=None, description="raw rewards, or per-request z-scores (lambda then unit-free)")
     return_candidates: bool = Field(default=False, description="include every candidate's text")
+    log: bool | None = Field(
+        default=None, description="false: keep this request out of the distillation log")
+    kl_budget: float | None = Field(
+        default=None, ge=0.0, allow_inf_nan=False,
+        description="nats of KL from uniform per selection; lambda is then solved per "
+                    "selection (excludes lambda)")
+    block_delimiter: str | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="a block also ends after this string (kept): one block per step")
 
     @field_validator("lam", mode="before")
     @classmethod
@@ -76,7 +101,8 @@ class SBoNOptions(StrictModel):
         """The request's settings for the shared resolver (unset fields fall back)."""
         return SBoNOverrides(n=self.n, lam=self.lam, block_size=self.block_size,
                              block_size_given="block_size" in self.model_fields_set,
-                             normalize=self.normalize, reward=self.reward)
+                             normalize=self.normalize, reward=self.reward,
+                             kl_budget=self.kl_budget, block_delimiter=self.block_delimiter)
 
 
 class StreamOptions(StrictModel):
@@ -86,19 +112,20 @@ class StreamOptions(StrictModel):
 class _Sampling(StrictModel):
     """Fields shared by completions and chat completions."""
 
-    model: str
+    model: Name
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=-1)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = Field(
+        default=None, description="at most limits.max_stop_sequences strings")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     n: int = Field(default=1, ge=1, description="returned choices, each an independent draw")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Name | None = None
     sbon: SBoNOptions | None = None
     # Accepted so that they can be refused by name (see UNSUPPORTED_FIELDS).
     logprobs: Any = None
@@ -117,9 +144,8 @@ class _Sampling(StrictModel):
     @field_validator("stop")
     @classmethod
     def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        # How many and how long is server policy (limits), checked in the serving layer.
         items = [value] if isinstance(value, str) else (value or [])
-        if len(items) > 16:
-            raise ValueError("at most 16 stop sequences")
         if any(not s for s in items):
             raise ValueError("stop sequences must not be empty")
         return value
@@ -136,7 +162,8 @@ class _Sampling(StrictModel):
 class CompletionRequest(_Sampling):
     """``POST /v1/completions``. ``prompt`` is a string or a list of strings."""
 
-    prompt: str | list[str]
+    prompt: Text | list[Text] = Field(
+        description="a string, or a list of at most limits.max_prompts strings")
     echo: Any = None
     best_of: Any = None
     suffix: Any = None
@@ -154,13 +181,13 @@ class CompletionRequest(_Sampling):
 
 class TextPart(StrictModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Name | None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -207,6 +234,7 @@ class SBoNBlock(ResponseModel):
     ess: float
     kl_from_uniform: float
     kl_estimate: float
+    lam: JSONFloat = Field(alias="lambda", description="the lambda this selection used")
     candidates: list[str] | None = Field(default=None, description="with return_candidates")
 
 
@@ -214,8 +242,12 @@ class SBoNInfo(ResponseModel):
     """The ``sbon`` object of one returned choice: settings, selection, diagnostics."""
 
     n: int
-    lam: JSONFloat = Field(alias="lambda")
+    lam: JSONFloat | None = Field(
+        alias="lambda", description="the lambda asked for; null when a KL budget solves it")
+    kl_budget: float | None = Field(description="nats per selection, when one was asked for")
+    lambdas: list[JSONFloat] = Field(description="the lambda each selection used, in order")
     block_size: int | None
+    block_delimiter: str | None
     normalize: str
     reward: str | None = Field(description="the reward used; null when nothing was scored")
     scored: bool
@@ -231,6 +263,10 @@ class SBoNInfo(ResponseModel):
     win_rate_bound: float
     tokens_generated: int
     tokens_scored: int
+    tokens_prefilled: dict[str, int] = Field(
+        description="prompt tokens computed by engine requests: generation, scoring")
+    tokens_cached: dict[str, int] = Field(
+        description="prompt tokens served from the prefix cache: generation, scoring")
     timings_s: dict[str, float]
 
 
@@ -316,6 +352,19 @@ class CompletionChunk(ResponseModel):
     model: str
     choices: list[CompletionChunkChoice]
     usage: Usage | None = None
+
+
+class ErrorDetail(ResponseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(ResponseModel):
+    """Every error, whatever its status: OpenAI's envelope."""
+
+    error: ErrorDetail
 
 
 class ModelCard(ResponseModel):

@@ -47,9 +47,10 @@ def _rewards(block: BlockRecord) -> list[float | Literal["inf", "-inf"]]:
 
 
 def _block(block: BlockRecord, with_texts: bool) -> SBoNBlock:
-    out = SBoNBlock(index=block.index, chosen_index=block.chosen_index,
-                    rewards=_rewards(block), weights=block.weights, ess=block.ess,
-                    kl_from_uniform=block.kl_from_uniform, kl_estimate=block.kl_estimate)
+    out = SBoNBlock.model_validate({
+        "index": block.index, "chosen_index": block.chosen_index, "rewards": _rewards(block),
+        "weights": block.weights, "ess": block.ess, "kl_from_uniform": block.kl_from_uniform,
+        "kl_estimate": block.kl_estimate, "lambda": json_number(block.lam)})
     if with_texts:
         out.candidates = [c.text for c in block.candidates]
     return out
@@ -60,8 +61,11 @@ def sbon_info(result: SBoNResult, return_candidates: bool) -> SBoNInfo:
     params, final, d = result.params, result.final_block, result.diagnostics
     fields: dict[str, Any] = {
         "n": params.n,
-        "lambda": json_number(params.lam),
+        "lambda": None if params.kl_budget is not None else json_number(params.lam),
+        "kl_budget": params.kl_budget,
+        "lambdas": [json_number(b.lam) for b in result.blocks],
         "block_size": params.block_size,
+        "block_delimiter": params.block_delimiter,
         "normalize": params.normalize.value,
         "reward": result.reward_name if params.score else None,
         "scored": params.score,
@@ -79,6 +83,10 @@ def sbon_info(result: SBoNResult, return_candidates: bool) -> SBoNInfo:
         ess=d.ess, kl_from_uniform=d.kl_from_uniform, kl_bon_bound=d.kl_bon_bound,
         kl_estimate=d.kl_estimate, win_rate_bound=d.win_rate_bound,
         tokens_generated=result.tokens_generated, tokens_scored=result.tokens_scored,
+        tokens_prefilled={"generation": result.prefill_generation.computed,
+                          "scoring": result.prefill_scoring.computed},
+        tokens_cached={"generation": result.prefill_generation.cached,
+                       "scoring": result.prefill_scoring.cached},
         timings_s=dict(result.timings))
     return SBoNInfo(**fields)
 

@@ -1,37 +1,43 @@
 """The serving logic behind both completion endpoints: plan, admit, run, stream, account.
 
 A request becomes a :class:`Plan` (validated settings, limits checked, prompts tokenised
-once), then one soft best-of-n run per returned choice, concurrently. Streaming merges the
-choices' block events into OpenAI chunks. Disconnects cancel the runs, which aborts their
-engine requests; the concurrency cap answers 429 instead of queueing.
+once, off the event loop), then one soft best-of-n run per returned choice, concurrently.
+Streaming merges the choices' block events into OpenAI chunks. A disconnect, the request's
+deadline or a server-wide abort (engine death, the end of a shutdown's drain) cancels the
+runs, which aborts their engine requests; admission answers 429 instead of queueing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Executor
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from common.config import AppConfig
 from common.prompts import Prompt
-from engine.resolve import resolve_params
+from engine.resolve import SettingsError, resolve_params
 from engine.sbon import SBoNEngine
 from engine.seeds import choice_seed
 from engine.types import BlockEvent, SamplingSettings, SBoNParams, SBoNResult, TextEvent
+from server.datalog import DataLog, build_record
 from server.errors import (
+    APIError,
+    DeadlineExceeded,
     InvalidRequest,
     NotFound,
     Overloaded,
-    Unavailable,
     sse_error_frame,
     to_api_error,
 )
+from server.limits import check_request_size
 from server.metrics import Metrics
 from server.protocol import (
     UNSUPPORTED_FIELDS,
@@ -82,6 +88,9 @@ class Plan:
     return_candidates: bool
     include_usage: bool
     arrived: float
+    deadline: float  # event-loop time by which the whole request must be answered
+    candidates: int  # prompts x n x sbon.n: what admission counts
+    log: bool = True  # False: the request opted out of the distillation log (sbon.log)
 
     def slots(self) -> list[tuple[int, int]]:
         """(choice index, prompt index) of every returned choice, in OpenAI's order."""
@@ -90,53 +99,94 @@ class Plan:
 
 
 class Admission:
-    """The concurrency cap: at most ``limit`` completion requests in flight, else 429."""
+    """Admission control: completion requests and, across them, candidates in flight.
 
-    def __init__(self, limit: int, metrics: Metrics) -> None:
-        self.limit = limit
+    A request costs prompts x n x sbon.n candidates; it is admitted when both the request
+    count and the candidate count stay within their caps, else refused at once with 429
+    (no queueing), so one large request takes its share and no more.
+    """
+
+    def __init__(self, max_requests: int, max_candidates: int, metrics: Metrics) -> None:
+        self.max_requests = max_requests
+        self.max_candidates = max_candidates
         self.in_flight = 0
+        self.candidates = 0
         self._metrics = metrics
 
-    def acquire(self) -> Callable[[], None]:
-        if self.in_flight >= self.limit:
-            raise Overloaded(f"The server is serving its maximum of {self.limit} concurrent "
-                             "requests; retry later.", None, "rate_limit_exceeded")
-        self.in_flight += 1
-        self._metrics.in_flight.set(self.in_flight)
+    def acquire(self, candidates: int = 1) -> Callable[[], None]:
+        """Take a slot for a request of ``candidates``; the returned function gives it back."""
+        if self.in_flight >= self.max_requests:
+            raise Overloaded(f"The server is serving its maximum of {self.max_requests} "
+                             "concurrent requests; retry later.", None, "rate_limit_exceeded")
+        if self.candidates + candidates > self.max_candidates:
+            raise Overloaded(f"The server is generating {self.candidates} of its maximum of "
+                             f"{self.max_candidates} candidates; this request needs {candidates}"
+                             "; retry later.", None, "rate_limit_exceeded")
+        self._move(1, candidates)
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                self.in_flight -= 1
-                self._metrics.in_flight.set(self.in_flight)
+                self._move(-1, -candidates)
 
         return release
+
+    def _move(self, requests: int, candidates: int) -> None:
+        self.in_flight += requests
+        self.candidates += candidates
+        self._metrics.in_flight.set(self.in_flight)
+        self._metrics.candidates_in_flight.set(self.candidates)
+
+
+@dataclass
+class AbortSignal:
+    """A server-wide "stop now" with the error every request still running answers with."""
+
+    reason: APIError | None = None
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def trigger(self, reason: APIError) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.event.set()
 
 
 class CompletionService:
     """Plans and runs completion and chat completion requests over a started runtime."""
 
-    def __init__(self, config: AppConfig, runtime: ServingRuntime, metrics: Metrics) -> None:
+    def __init__(self, config: AppConfig, runtime: ServingRuntime, metrics: Metrics,
+                 encoder: Executor | None = None, datalog: DataLog | None = None) -> None:
         self.config = config
         self.runtime = runtime
         self.metrics = metrics
+        self.encoder = encoder  # where prompts are tokenised (None: asyncio's default pool)
+        self.datalog = datalog  # the distillation log, when enabled
 
     # --- planning ------------------------------------------------------------------------
 
-    def plan(self, request: AnyRequest, request_id: str, arrived: float) -> Plan:
-        """Validate a request against the server's policy and tokenise its prompts."""
+    async def plan(self, request: AnyRequest, request_id: str, arrived: float,
+                   deadline: float) -> Plan:
+        """Validate a request against the server's policy and tokenise its prompts.
+
+        Counts and characters are checked first (server/limits.py), so that tokenising,
+        which runs in a worker thread, only ever sees bounded input.
+        """
         self._check_model(request.model)
         _refuse_unsupported(request)
         limits = self.config.limits
-        if request.n > limits.max_choices:
-            raise InvalidRequest(f"n must be at most {limits.max_choices}", "n", "limit_exceeded")
+        check_request_size(request, limits)
         params = self._params(request)
         kind: Kind = "chat" if isinstance(request, ChatCompletionRequest) else "completion"
         prompts = _prompts(request)
-        backend = self.runtime.backend
-        prompt_ids = [backend.encode_prompt(p) for p in prompts]
+        candidates = len(prompts) * request.n * params.n
+        if candidates > limits.max_candidates_in_flight:
+            raise InvalidRequest(
+                f"{len(prompts)} prompts x n = {request.n} x sbon.n = {params.n} make "
+                f"{candidates} candidates; the server runs at most "
+                f"{limits.max_candidates_in_flight} at once", "sbon.n", "limit_exceeded")
+        prompt_ids = await self._encode(prompts)
         max_tokens = self._max_tokens(request, max(len(ids) for ids in prompt_ids))
         if params.block_size is not None:
             blocks = math.ceil(max_tokens / params.block_size)
@@ -156,7 +206,16 @@ class CompletionService:
             show_sbon=options is not None or self.config.sbon.enabled,
             return_candidates=bool(options and options.return_candidates),
             include_usage=bool(request.stream_options and request.stream_options.include_usage),
-            arrived=arrived)
+            arrived=arrived, deadline=deadline, candidates=candidates,
+            log=not (options is not None and options.log is False))
+
+    async def _encode(self, prompts: list[Prompt]) -> list[list[int]]:
+        """Token ids of every prompt, computed in a worker thread (chat templates and
+        tokenizers take milliseconds per prompt; the event loop must not wait on them)."""
+        backend = self.runtime.backend
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.encoder, lambda: [backend.encode_prompt(p) for p in prompts])
 
     def _check_model(self, model: str) -> None:
         served = self.config.model.public_name
@@ -166,8 +225,13 @@ class CompletionService:
 
     def _params(self, request: AnyRequest) -> SBoNParams:
         options = request.sbon
-        params = resolve_params(self.config.sbon,
-                                options.overrides() if options is not None else None)
+        try:
+            params = resolve_params(self.config.sbon,
+                                    options.overrides() if options is not None else None)
+        except SettingsError as exc:
+            raise InvalidRequest(str(exc), f"sbon.{exc.param}", "invalid_value") from exc
+        # Step-aligned blocks can be short: the number of selections is bounded in the loop.
+        params = replace(params, max_blocks=self.config.limits.max_blocks)
         if params.n > self.config.limits.max_candidates:
             raise InvalidRequest(f"sbon.n must be at most {self.config.limits.max_candidates}",
                                  "sbon.n", "limit_exceeded")
@@ -215,7 +279,7 @@ class CompletionService:
         result = await self.runtime.sbon.run(
             plan.prompts[prompt_index], plan.params, self._sampling_for(plan, choice),
             self._engine_id(plan, choice), plan.prompt_ids[prompt_index])
-        self.observe(plan, result)
+        self.observe(plan, result, choice)
         return ChoiceResult(choice, prompt_index, result)
 
     async def complete(self, plan: Plan) -> list[ChoiceResult]:
@@ -228,8 +292,10 @@ class CompletionService:
             raise _first(group_error) from None
         return [t.result() for t in tasks]
 
-    def observe(self, plan: Plan, result: SBoNResult) -> None:
-        """Per-choice metrics: phases, tokens, candidates, reward and distortion."""
+    def observe(self, plan: Plan, result: SBoNResult, choice: int = 0) -> None:
+        """Per-choice metrics: phases, tokens, candidates, reward and distortion; the
+        distillation log record of choice ``choice``."""
+        self._log(plan, result, choice)
         m = self.metrics
         for phase in ("generation", "scoring", "selection"):
             m.phase_seconds.labels(phase).observe(result.timings.get(phase, 0.0))
@@ -239,6 +305,10 @@ class CompletionService:
         m.scored_tokens.inc(result.tokens_scored)
         m.completion_tokens.inc(result.completion_tokens)
         m.prompt_tokens.inc(result.prompt_tokens)
+        for stage, prefill in (("generation", result.prefill_generation),
+                               ("scoring", result.prefill_scoring)):
+            m.prefill_tokens.labels(stage, "computed").inc(prefill.computed)
+            m.prefill_tokens.labels(stage, "cached").inc(prefill.cached)
         if plan.params.score:
             final = result.final_block
             m.chosen_reward.labels(result.reward_name).observe(final.chosen.reward)
@@ -246,14 +316,30 @@ class CompletionService:
             m.kl_from_uniform.observe(result.diagnostics.kl_from_uniform)
             m.kl_estimate.observe(result.diagnostics.kl_estimate)
 
+    def _log(self, plan: Plan, result: SBoNResult, choice: int) -> None:
+        """Queue the choice's record (built by the writer thread; never blocks)."""
+        if self.datalog is None or not plan.log or not plan.params.score:
+            return
+        self.datalog.submit(functools.partial(
+            build_record, request_id=plan.request_id, logged_at=time.time(),
+            model=self.config.model.public_name,
+            prompt=plan.prompts[choice // plan.choices_per_prompt],
+            sampling=self._sampling_for(plan, choice), result=result))
+
     # --- streaming -----------------------------------------------------------------------
 
-    async def stream(self, plan: Plan, writer: ChunkWriter) -> AsyncIterator[str]:
-        """SSE frames: each chosen block as soon as it is selected, then usage and [DONE]."""
+    async def stream(self, plan: Plan, writer: ChunkWriter,
+                     abort: AbortSignal | None = None) -> AsyncIterator[str]:
+        """SSE frames: each chosen block as soon as it is selected, then usage and [DONE].
+
+        Past the deadline, or on a server-wide abort, the stream ends with an error frame
+        and [DONE], and the runs are cancelled.
+        """
         self.metrics.phase_seconds.labels("queue").observe(time.perf_counter() - plan.arrived)
         queue: asyncio.Queue[tuple[int, BlockEvent | SBoNResult | BaseException | None]] = \
             asyncio.Queue()
         tasks = [asyncio.create_task(self._feed(plan, c, p, queue)) for c, p in plan.slots()]
+        tasks.append(asyncio.create_task(_interrupt(plan.deadline, abort, queue)))
         finished: list[ChoiceResult] = []
         prompt_of = dict(plan.slots())
         try:
@@ -261,7 +347,7 @@ class CompletionService:
                 opening = writer.opening(choice)
                 if opening:
                     yield opening
-            while len(finished) < len(tasks):
+            while len(finished) < len(tasks) - 1:  # the last task is the interrupter
                 choice, item = await queue.get()
                 if isinstance(item, BaseException):
                     yield _stream_error(item)
@@ -288,7 +374,7 @@ class CompletionService:
                     self._engine_id(plan, choice), plan.prompt_ids[prompt_index],
                     token_stream=True):
                 if isinstance(event, SBoNResult):
-                    self.observe(plan, event)
+                    self.observe(plan, event, choice)
                 await queue.put((choice, event))
         except asyncio.CancelledError:
             raise
@@ -342,15 +428,45 @@ async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:
             await task
 
 
-async def until_disconnected(work: Awaitable[Any], is_disconnected: Callable[[], Awaitable[bool]],
-                             poll_s: float = 0.25) -> Any:
-    """Await ``work``, cancelling it (and so its engine requests) if the client goes away."""
+async def _interrupt(deadline: float, abort: AbortSignal | None,
+                     queue: asyncio.Queue[tuple[int, Any]]) -> None:
+    """Put the error that ends a stream early into its queue: past the deadline, or abort."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            if abort is None:
+                await asyncio.Event().wait()
+            else:
+                await abort.event.wait()
+    except TimeoutError:
+        await queue.put((-1, request_timed_out()))
+        return
+    assert abort is not None and abort.reason is not None
+    await queue.put((-1, abort.reason))
+
+
+def request_timed_out() -> DeadlineExceeded:
+    return DeadlineExceeded("The request did not finish within the server's time limit "
+                            "(limits.request_timeout_s); its work was stopped.", None,
+                            "request_timeout")
+
+
+async def supervise(work: Awaitable[Any], is_disconnected: Callable[[], Awaitable[bool]],
+                    deadline: float, abort: AbortSignal | None = None,
+                    poll_s: float = 0.25) -> Any:
+    """Await ``work``; cancel it (and so its engine requests) if the client goes away
+    (:class:`ClientGone`), past ``deadline`` (504) or on a server-wide abort (its error)."""
+    loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(work)
     try:
         while True:
-            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            left = deadline - loop.time()
+            if left <= 0:
+                raise request_timed_out()
+            done, _ = await asyncio.wait({task}, timeout=min(poll_s, left))
             if done:
                 return task.result()
+            if abort is not None and abort.reason is not None:
+                raise abort.reason
             if await is_disconnected():
                 raise ClientGone()
     finally:
@@ -360,9 +476,3 @@ async def until_disconnected(work: Awaitable[Any], is_disconnected: Callable[[],
 
 class ClientGone(Exception):
     """The client disconnected before its response was ready."""
-
-
-def require_ready(runtime: ServingRuntime | None) -> ServingRuntime:
-    if runtime is None:
-        raise Unavailable("The model is still loading; retry shortly.", None, "engine_loading")
-    return runtime

@@ -1,4 +1,9 @@
-"""Shared fixtures: configuration for the embedded model and one real runtime per session."""
+"""Shared fixtures and the tier markers.
+
+Every test is marked with its tier from the folder it lives in (``tests/unit`` -> ``unit``,
+``tests/api`` -> ``api``, ...), so ``-m unit`` selects exactly the files under ``tests/unit``.
+The fixtures here configure the embedded model and start one real runtime per session.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
+from helpers import tier_of
+
 from common.config import AppConfig, JudgeRewardConfig, PythonRewardConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with the tier of its folder; a test outside every tier is an error."""
+    for item in items:
+        try:
+            item.add_marker(tier_of(item.path))
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,9 +22,43 @@ class Call:
     seed: int | None
 
 
+def word(token_id: int) -> str:
+    """The text of one token of the fake backend."""
+    return f"w{token_id} "
+
+
+def stop_at_stop_strings(candidate: Candidate, stops: Sequence[str]) -> Candidate:
+    """What vLLM returns for ``candidate`` when ``stops`` are the request's stop strings.
+
+    At the earliest stop string in the text, the text is cut before it, the finish reason
+    is ``stop`` and the stop reason is the string. Token ids are kept up to the token that
+    completed the stop string when the text is the fake's own words, all of them otherwise.
+    """
+    found = [(candidate.text.find(stop), stop) for stop in stops
+             if stop and stop in candidate.text]
+    if not found:
+        return candidate
+    index, stop = min(found)
+    ids = candidate.token_ids
+    if candidate.text == "".join(word(t) for t in ids):
+        end, kept = 0, 0
+        while end < index + len(stop):
+            end += len(word(ids[kept]))
+            kept += 1
+        ids = ids[:kept]
+    return dataclasses.replace(candidate, token_ids=ids, text=candidate.text[:index],
+                               finish_reason="stop", stop_reason=stop)
+
+
 @dataclass
 class FakeBackend:
-    """Emits words "w<k>"; candidate i of a call is i+1 tokens long unless ``script`` says."""
+    """Emits words "w<k> " up to ``max_tokens``, seeded by the prefix, the seed and the index.
+
+    ``script`` replaces the words with candidates of its own.
+
+    Stop strings behave as in vLLM (see :func:`stop_at_stop_strings`), whether a candidate
+    comes from the fake's own words or from ``script``.
+    """
 
     model_name: str = "fake"
     max_model_len: int = 4096
@@ -44,14 +79,14 @@ class FakeBackend:
                 await asyncio.sleep(self.delay_s)
         finally:
             self.running.discard(request_id)
-        return [self._candidate(call, i) for i in range(n)]
+        return [stop_at_stop_strings(self._candidate(call, i), sampling.stop) for i in range(n)]
 
     def _candidate(self, call: Call, i: int) -> Candidate:
         if self.script is not None:
             return self.script(call, i)
         rng = random.Random(hash((tuple(call.prompt_token_ids), call.seed, i)))
         ids = tuple(rng.randrange(100, 200) for _ in range(call.max_tokens))
-        return Candidate(ids, "".join(f"w{t} " for t in ids), -0.5 * len(ids), "length")
+        return Candidate(ids, "".join(word(t) for t in ids), -0.5 * len(ids), "length")
 
     async def generate_stream(self, prompt_token_ids: Sequence[int], sampling: SamplingSettings,
                               max_tokens: int, request_id: str, seed: int | None

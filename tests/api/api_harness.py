@@ -7,7 +7,6 @@ the generation backend and the reward scorer are the small fakes of ``tests/fake
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ import openai
 import pytest
 import uvicorn
 from fakes import FakeBackend, FakeRuntime, FakeScorer
+from helpers import free_port
 
 from common.config import AppConfig
 from engine.sbon import SBoNEngine
@@ -41,12 +41,6 @@ class Served:
 
     def post(self, path: str, body: dict[str, Any], **kwargs: Any) -> httpx.Response:
         return httpx.post(f"{self.url}{path}", json=body, timeout=30, **kwargs)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def make_config(**sections: Any) -> AppConfig:

@@ -15,8 +15,6 @@ from bench.http import HTTPTarget
 from bench.promptset import load_prompts
 from common.config import AppConfig
 
-pytestmark = pytest.mark.api
-
 SETTINGS = BenchSettings(n=3, max_tokens=8, block_sizes=(4,), concurrency=(1, 2), prompts=2,
                          naive=True)
 

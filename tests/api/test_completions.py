@@ -8,8 +8,6 @@ import httpx
 import pytest
 from api_harness import Served
 
-pytestmark = pytest.mark.api
-
 MESSAGES = [{"role": "user", "content": "Write a haiku about the sea."}]
 
 

@@ -13,8 +13,6 @@ from fakes import FakeBackend, FakeScorer
 
 from reward.base import RewardError
 
-pytestmark = pytest.mark.api
-
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 

@@ -11,8 +11,6 @@ import pytest
 from api_harness import Served
 from fakes import FakeBackend
 
-pytestmark = pytest.mark.api
-
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 

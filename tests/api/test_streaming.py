@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 
 import httpx
-import pytest
 from api_harness import Served
 from fakes import FakeScorer
 
 from reward.base import RewardError
-
-pytestmark = pytest.mark.api
 
 MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
 
@@ -48,9 +45,9 @@ def test_blockwise_chat_stream_sends_each_chosen_block(served: Served) -> None:
 
 
 def test_per_response_stream_sends_the_chosen_text_after_selection(served: Served) -> None:
-    raw = frames(served, "/v1/completions", {
-        "model": "fake-model", "prompt": "hello", "max_tokens": 5, "stream": True,
-        "sbon": {"n": 3, "lambda": 0}})
+    body = {"model": "fake-model", "prompt": "hello", "max_tokens": 5, "seed": 12,
+            "sbon": {"n": 3, "lambda": 0.5}}
+    raw = frames(served, "/v1/completions", {**body, "stream": True})
     assert raw[-1] == "[DONE]"
     chunks = [json.loads(f) for f in raw[:-1]]
     assert all(c["object"] == "text_completion" and "usage" not in c for c in chunks)
@@ -58,15 +55,28 @@ def test_per_response_stream_sends_the_chosen_text_after_selection(served: Serve
     assert len(texts) == 1
     last = chunks[-1]["choices"][0]
     assert last["finish_reason"] == "length" and last["sbon"]["chosen_index"] in range(3)
+    # The streamed text and selection equal the non-streamed answer to the same seed.
+    whole = served.post("/v1/completions", body).json()["choices"][0]
+    assert texts[0] == whole["text"] and whole["text"]
+    assert last["sbon"]["chosen_index"] == whole["sbon"]["chosen_index"]
+    assert last["sbon"]["rewards"] == whole["sbon"]["rewards"]
 
 
 def test_several_choices_stream_with_their_indices(served: Served) -> None:
-    raw = frames(served, "/v1/chat/completions", {
-        "model": "fake-model", "messages": MESSAGES, "max_tokens": 4, "stream": True, "n": 2,
-        "sbon": {"n": 2, "block_size": 2}})
+    body = {"model": "fake-model", "messages": MESSAGES, "max_tokens": 4, "n": 2, "seed": 13,
+            "sbon": {"n": 2, "block_size": 2}}
+    raw = frames(served, "/v1/chat/completions", {**body, "stream": True})
     chunks = [json.loads(f) for f in raw[:-1]]
     finished = {c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]}
     assert finished == {0, 1}
+    streamed = {0: "", 1: ""}
+    for chunk in chunks:
+        choice = chunk["choices"][0]
+        streamed[choice["index"]] += choice["delta"].get("content") or ""
+    # Each index streams the text of the same choice of the non-streamed seeded answer.
+    whole = served.post("/v1/chat/completions", body).json()["choices"]
+    assert streamed == {c["index"]: c["message"]["content"] for c in whole}
+    assert streamed[0] != streamed[1]  # two independent draws, told apart by their index
 
 
 def test_an_error_after_the_stream_started_is_an_error_frame_then_done(server_factory) -> None:
@@ -90,9 +100,13 @@ def test_an_error_after_the_stream_started_is_an_error_frame_then_done(server_fa
 def test_plain_decoding_streams_tokens_as_they_decode(server_factory) -> None:
     served = server_factory(sbon={"enabled": False})
     stream = served.client().chat.completions.create(
-        model="fake-model", messages=MESSAGES, max_tokens=5, stream=True)  # type: ignore
+        model="fake-model", messages=MESSAGES, max_tokens=5, seed=14,  # type: ignore
+        stream=True)
     chunks = list(stream)
     content = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
     assert len(content) == 5  # one chunk per decoded piece, not one after the whole response
     assert all("sbon" not in (c.choices[0].model_extra or {}) for c in chunks)
     assert chunks[-1].choices[0].finish_reason == "length"
+    whole = served.client().chat.completions.create(
+        model="fake-model", messages=MESSAGES, max_tokens=5, seed=14)  # type: ignore
+    assert "".join(content) == whole.choices[0].message.content

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,8 +19,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from helpers import REPO_ROOT, free_port
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 900
 
 
@@ -37,12 +36,6 @@ class LiveServer:
 
     def log_tail(self, size: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-size:]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path,

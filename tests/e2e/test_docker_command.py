@@ -13,10 +13,8 @@ import re
 import signal
 from pathlib import Path
 
-import pytest
-from live_server import REPO_ROOT, free_port, launch, sbon_command, stop, wait_healthy
-
-pytestmark = pytest.mark.e2e
+from helpers import REPO_ROOT, free_port
+from live_server import launch, sbon_command, stop, wait_healthy
 
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile.cpu"
 IMAGE_CONFIG = "/etc/sbon/config.yaml"

@@ -15,9 +15,10 @@ import time
 
 import httpx
 import pytest
-from live_server import REPO_ROOT, LiveServer, free_port, sbon_command
+from helpers import REPO_ROOT, free_port
+from live_server import LiveServer, sbon_command
 
-pytestmark = pytest.mark.e2e
+from server.protocol import ChatCompletionResponse, to_json
 
 MODEL = "smollm2-135m-instruct"
 MESSAGES = [{"role": "user", "content": "Write a haiku about the sea."}]
@@ -29,23 +30,80 @@ def gauge(server: LiveServer, name: str) -> float:
     return float(match.group(1)) if match else math.nan
 
 
+# The ``sbon`` object of a scored blockwise choice without return_candidates: key -> type.
+SBON_BLOCKWISE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "n": int, "lambda": float, "block_size": int, "normalize": str, "reward": str,
+    "scored": bool, "blocks": list, "rewards": list, "weights": list, "ess": float,
+    "kl_from_uniform": float, "kl_bon_bound": float, "kl_estimate": float,
+    "win_rate_bound": float, "tokens_generated": int, "tokens_scored": int,
+    "tokens_prefilled": dict, "tokens_cached": dict, "timings_s": dict,
+}
+BLOCK_TYPES: dict[str, type | tuple[type, ...]] = {
+    "index": int, "chosen_index": int, "rewards": list, "weights": list, "ess": float,
+    "kl_from_uniform": float, "kl_estimate": float,
+}
+
+
+def check_types(value: dict, types: dict[str, type | tuple[type, ...]]) -> None:
+    assert set(value) == set(types), sorted(set(value) ^ set(types))
+    for key, expected in types.items():
+        assert isinstance(value[key], expected) and not (
+            expected in (int, float) and isinstance(value[key], bool)), (key, value[key])
+
+
 def test_chat_completion_with_and_without_sbon(live_server: LiveServer) -> None:
-    client = live_server.client()
-    reply = client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=16, seed=1,  # type: ignore[arg-type]
-        extra_body={"sbon": {"n": 3, "lambda": 0.5, "block_size": 8}})
-    choice = reply.choices[0]
-    sbon = choice.model_extra["sbon"]  # type: ignore[index]
-    assert choice.message.content and choice.finish_reason in {"stop", "length"}
-    assert 1 <= len(sbon["blocks"]) <= 2 and sbon["reward"] == "judge"
-    for block in sbon["blocks"]:
+    response = httpx.post(f"{live_server.url}/v1/chat/completions", timeout=600, json={
+        "model": MODEL, "messages": MESSAGES, "max_tokens": 16, "seed": 1,
+        "sbon": {"n": 3, "lambda": 0.5, "block_size": 8}})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    exactly_one_response = ChatCompletionResponse.model_validate(body)
+    assert to_json(exactly_one_response) == body  # no field beyond the protocol's
+    assert set(body) == {"id", "object", "created", "model", "choices", "usage"}
+    assert isinstance(body["id"], str) and body["id"]
+    assert body["object"] == "chat.completion" and body["model"] == MODEL
+    assert isinstance(body["created"], int) and body["created"] > 1_600_000_000
+    (choice,) = body["choices"]
+    assert set(choice) == {"index", "message", "logprobs", "finish_reason", "sbon"}
+    assert choice["index"] == 0 and choice["logprobs"] is None
+    assert choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str) and choice["message"]["content"]
+    assert choice["finish_reason"] in {"stop", "length"}
+    usage = body["usage"]
+    assert set(usage) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    assert all(isinstance(v, int) for v in usage.values())
+    assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= 16
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    if choice["finish_reason"] == "length":
+        assert usage["completion_tokens"] == 16
+
+    sbon = choice["sbon"]
+    check_types(sbon, SBON_BLOCKWISE_TYPES)
+    assert (sbon["n"], sbon["lambda"], sbon["block_size"]) == (3, 0.5, 8)
+    assert sbon["normalize"] == "raw" and sbon["reward"] == "judge" and sbon["scored"] is True
+    assert 1 <= len(sbon["blocks"]) <= 2
+    for index, block in enumerate(sbon["blocks"]):
+        check_types(block, BLOCK_TYPES)
+        assert block["index"] == index and 0 <= block["chosen_index"] < 3
         assert len(block["rewards"]) == 3 and all(math.isfinite(r) for r in block["rewards"])
         assert sum(block["weights"]) == pytest.approx(1.0)
+    assert sbon["rewards"] == sbon["blocks"][-1]["rewards"]  # of the final selection
+    assert sbon["weights"] == sbon["blocks"][-1]["weights"]
+    assert 1.0 <= sbon["ess"] <= 3.0
     assert 0.0 <= sbon["kl_estimate"] <= sbon["kl_bon_bound"] + 1e-9
-    assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 16
-    assert sbon["tokens_generated"] >= reply.usage.completion_tokens
+    assert sbon["tokens_generated"] >= usage["completion_tokens"]
+    assert sbon["tokens_scored"] > 0
+    for counts in (sbon["tokens_prefilled"], sbon["tokens_cached"]):
+        assert set(counts) == {"generation", "scoring"}
+        assert all(isinstance(v, int) and v >= 0 for v in counts.values())
+    assert set(sbon["timings_s"]) >= {"generation", "scoring", "selection"}
+    assert all(isinstance(v, float) and v >= 0 for v in sbon["timings_s"].values())
+
+    client = live_server.client()
     plain = client.chat.completions.create(
         model=MODEL, messages=MESSAGES, max_tokens=8)  # type: ignore[arg-type]
+    assert plain.object == "chat.completion" and plain.choices[0].message.role == "assistant"
     assert plain.choices[0].message.content is not None
     assert plain.choices[0].model_extra["sbon"]["n"] == 4  # type: ignore[index]  # config default
 

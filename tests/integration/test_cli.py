@@ -9,10 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.integration
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from helpers import REPO_ROOT
 
 
 def test_generate_json_blockwise(model_cache_dir: Path) -> None:

@@ -16,8 +16,6 @@ from engine.sbon import UnknownRewardError
 from engine.selection import kl_bon_bound
 from engine.types import SamplingSettings, SBoNParams, SBoNResult, TextEvent
 
-pytestmark = pytest.mark.integration
-
 PROMPT = (Message("user", "Write a haiku about the sea."),)
 
 
@@ -79,15 +77,30 @@ async def test_hard_best_of_n_with_a_rule_reward_takes_the_best(runtime) -> None
 
 
 async def test_stop_strings_end_a_blockwise_response(runtime) -> None:
-    result = await runtime.sbon.run(PROMPT, SBoNParams(n=2, lam=1.0, block_size=8),
-                                    SamplingSettings(max_tokens=48, seed=3, stop=("\n", ".")),
+    # lambda = inf draws uniformly whatever the rewards, so the same seeded request without
+    # stop strings is the same generation, continued past the first stop string.
+    params = SBoNParams(n=2, lam=math.inf, block_size=8)
+    stops = ("\n", ".")
+    reference = await runtime.sbon.run(PROMPT, params, SamplingSettings(max_tokens=48, seed=3),
+                                       "it-stop-reference")
+    cuts = [reference.text.find(s) for s in stops if s in reference.text]
+    assert cuts, f"the model produced no stop string to stop at: {reference.text!r}"
+    cut = min(cuts)
+    result = await runtime.sbon.run(PROMPT, params,
+                                    SamplingSettings(max_tokens=48, seed=3, stop=stops),
                                     "it-stop")
-    assert "\n" not in result.text and "." not in result.text
+    assert result.finish_reason == "stop"
+    assert result.text == reference.text[:cut]
+    assert not any(s in result.text for s in stops)
+    assert result.token_ids == reference.token_ids[:len(result.token_ids)]
 
 
 async def test_judge_log_probabilities_are_real(runtime) -> None:
-    yes, no = await runtime.backend.label_logprobs(PROMPT, ["Yes", "No"])
+    ids = runtime.backend.encode_prompt(PROMPT)
+    answer = await runtime.backend.label_logprobs(ids, ["Yes", "No"])
+    yes, no = answer.values
     assert yes <= 0.0 and no <= 0.0 and math.isfinite(yes) and math.isfinite(no)
+    assert answer.computed_tokens + answer.cached_tokens == len(ids)
     scores = await runtime.scorers["judge"].score(["Say hi."] * 2, ["Hi!", "zzzz qqqq"])
     assert all(math.isfinite(s) for s in scores)
 

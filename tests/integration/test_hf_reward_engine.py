@@ -15,8 +15,6 @@ from engine.sbon import SBoNEngine
 from engine.types import SamplingSettings, SBoNParams
 from reward.hf import HFRewardScorer
 
-pytestmark = pytest.mark.integration
-
 PROMPT = (Message("user", "Write a haiku about the sea."),)
 
 

@@ -11,8 +11,6 @@ from bench.evaluate import BLOCKWISE, EvalSettings, run_eval
 from bench.promptset import load_prompts
 from engine.selection import kl_bon_bound
 
-pytestmark = pytest.mark.integration
-
 
 async def test_bench_measures_every_method_on_the_engine(runtime) -> None:
     settings = BenchSettings(n=2, max_tokens=8, block_sizes=(4,), concurrency=(1,), prompts=2)

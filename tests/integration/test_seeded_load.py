@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from engine.types import SamplingSettings
-
-pytestmark = pytest.mark.integration
 
 
 async def test_many_seeded_prompts_at_once_keep_the_engine_alive(runtime) -> None:

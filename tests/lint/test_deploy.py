@@ -13,14 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO_ROOT
 
 from common.config import AppConfig, load_config
 from engine.vllm_backend import engine_args_kwargs
 from server.metrics import Metrics
 
-pytestmark = pytest.mark.lint
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DOCKER = REPO_ROOT / "docker"
 DOCKERFILES = [REPO_ROOT / "Dockerfile", DOCKER / "Dockerfile.cpu"]
 

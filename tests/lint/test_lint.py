@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
-
-pytestmark = pytest.mark.lint
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ["common", "engine", "reward", "server", "bench", "cli"]
+from helpers import PACKAGES, REPO_ROOT
 
 
 def run_tool(*args: str) -> subprocess.CompletedProcess[str]:

@@ -21,8 +21,6 @@ from bench.bench import (
 from bench.plots import bench_chart
 from bench.promptset import load_prompts
 
-pytestmark = pytest.mark.unit
-
 SETTINGS = BenchSettings(n=3, max_tokens=8, block_sizes=(4,), concurrency=(1, 2), prompts=2)
 
 
@@ -78,7 +76,10 @@ async def test_ratios_are_the_quotients_of_the_measured_values() -> None:
 async def test_outputs_table_json_and_chart(tmp_path) -> None:
     report, _, _ = await measured()
     table = render_table(report).splitlines()
-    assert len(table) == 1 + len(report.runs) and "gen tok/s" in table[0]
+    # Header, one row per run, and the legend of the prefill columns.
+    assert len(table) == 2 + len(report.runs) and "gen tok/s" in table[0]
+    assert "gen pf/ca" in table[0] and "score pf/ca" in table[0]
+    assert table[-1].startswith("gen/score pf/ca")
     data = json.loads(json.dumps(report.to_dict()))
     assert data["settings"]["n"] == 3 and len(data["runs"]) == len(report.runs)
     path = bench_chart(report, tmp_path / "bench.png")

@@ -6,12 +6,17 @@ import math
 from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT
 from pydantic import ValidationError
-from tests_paths import REPO_ROOT
 
-from common.config import AppConfig, load_config, non_default_values
-
-pytestmark = pytest.mark.unit
+from common.config import (
+    AppConfig,
+    HFRewardConfig,
+    JudgeRewardConfig,
+    PythonRewardConfig,
+    load_config,
+    non_default_values,
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -68,3 +73,112 @@ def test_reward_entries_are_checked() -> None:
 def test_non_default_values_lists_only_changes() -> None:
     config = load_config(None, ["engine.dtype=bfloat16", "server.port=9000"], environ={})
     assert non_default_values(config) == {"engine.dtype": "bfloat16", "server.port": 9000}
+
+
+REWARDS_FILE = """\
+rewards:
+  - name: rm
+    type: hf
+    model: first/model
+  - name: rule
+    type: python
+    function: reward.rules:brevity
+"""
+
+
+def test_set_indexes_the_default_reward_list() -> None:
+    config = load_config(None, ["rewards.0.yes_token=Oui", "rewards.0.no_token=Non"],
+                         environ={})
+    (reward,) = config.rewards
+    assert isinstance(reward, JudgeRewardConfig)
+    assert (reward.name, reward.yes_token, reward.no_token) == ("judge", "Oui", "Non")
+    assert config.default_reward == "judge"
+
+
+def test_set_of_a_field_the_default_reward_type_lacks_is_refused() -> None:
+    # The default list holds the judge; ``model`` is an hf field, so it must not be dropped.
+    with pytest.raises(ValidationError, match="model"):
+        load_config(None, ["rewards.0.model=org/rm"], environ={})
+
+
+def test_set_indexes_a_files_reward_list(tmp_path: Path) -> None:
+    path = write(tmp_path, REWARDS_FILE)
+    config = load_config(path, ["rewards.0.model=second/model",
+                                "rewards.1.function=reward.rules:response_length"], environ={})
+    first, second = config.rewards
+    assert isinstance(first, HFRewardConfig) and first.model == "second/model"
+    assert first.name == "rm" and first.device == "cpu"  # the rest of the entry is the file's
+    assert isinstance(second, PythonRewardConfig)
+    assert second.function == "reward.rules:response_length"
+
+
+def test_the_environment_indexes_reward_lists_too(tmp_path: Path) -> None:
+    path = write(tmp_path, REWARDS_FILE)
+    config = load_config(path, environ={"SBON_REWARDS__0__MODEL": "env/model"})
+    assert isinstance(config.rewards[0], HFRewardConfig)
+    assert config.rewards[0].model == "env/model"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("rewards.2.model=x", "index 2 is outside a list of 2"),
+    ("rewards.-3.model=x", "index -3 is outside a list of 2"),
+    ("rewards.first.model=x", "'first' must be an index into a list"),
+])
+def test_a_bad_index_into_a_files_list_is_refused(tmp_path: Path, override: str,
+                                                  message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_config(write(tmp_path, REWARDS_FILE), [override], environ={})
+
+
+def test_a_bad_index_into_the_default_list_is_refused() -> None:
+    with pytest.raises(ValueError, match="index 1 is outside a list of 1"):
+        load_config(None, ["rewards.1.model=x"], environ={})
+
+
+def test_reward_entries_are_told_apart_by_type() -> None:
+    config = AppConfig(rewards=[
+        {"name": "a", "type": "judge"},
+        {"name": "b", "type": "hf", "model": "org/rm"},
+        {"name": "c", "type": "python", "function": "reward.rules:brevity"},
+    ])
+    assert [type(r) for r in config.rewards] == [JudgeRewardConfig, HFRewardConfig,
+                                                  PythonRewardConfig]
+
+
+def test_an_hf_reward_without_a_model_is_refused() -> None:
+    with pytest.raises(ValidationError, match=r"rewards\.0\.hf\.model"):
+        AppConfig(rewards=[{"name": "r", "type": "hf"}])
+
+
+@pytest.mark.parametrize("field", ["device", "model", "max_batch_tokens"])
+def test_a_judge_reward_with_an_hf_only_field_is_refused(field: str) -> None:
+    value = 1024 if field == "max_batch_tokens" else "cuda"
+    with pytest.raises(ValidationError, match=field):
+        AppConfig(rewards=[{"name": "r", "type": "judge", field: value}])
+
+
+@pytest.mark.parametrize("entry", [
+    {"name": "r"},  # no type
+    {"name": "r", "type": "unknown"},
+    {"name": "", "type": "judge"},
+    {"name": "has space", "type": "judge"},
+])
+def test_a_reward_without_a_known_type_or_a_valid_name_is_refused(entry: dict) -> None:
+    with pytest.raises(ValidationError):
+        AppConfig(rewards=[entry])
+
+
+@pytest.mark.parametrize("function", ["reward.rules:brevity", "pkg.sub.mod:_score", "m:f2"])
+def test_a_python_reward_names_module_colon_function(function: str) -> None:
+    (reward,) = AppConfig(rewards=[{"name": "r", "type": "python",
+                                    "function": function}]).rewards
+    assert isinstance(reward, PythonRewardConfig) and reward.function == function
+
+
+@pytest.mark.parametrize("function", [
+    "nocolon", "mod:", ":func", "mod:func:extra", "mod:1func", "1mod:func", "mod:fu-nc",
+    "mod func:f",
+])
+def test_a_python_reward_function_of_another_form_is_refused(function: str) -> None:
+    with pytest.raises(ValidationError, match="function"):
+        AppConfig(rewards=[{"name": "r", "type": "python", "function": function}])

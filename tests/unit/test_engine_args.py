@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 from common.config import load_config
 from engine.vllm_backend import build_engine_args, engine_args_kwargs
-
-pytestmark = pytest.mark.unit
 
 
 def test_parallelism_and_executor_backend_reach_the_engine_arguments(tmp_path) -> None:

@@ -13,9 +13,9 @@ import pytest
 from tiny_models import build_tiny_reward_model
 
 from common.config import HFRewardConfig
+from reward.base import RewardError
 from reward.hf import HFRewardScorer
 
-pytestmark = pytest.mark.unit
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -73,7 +73,7 @@ async def test_chat_template_formats_the_conversation(tiny_model: Path) -> None:
 
 
 async def test_label_choice_on_a_multi_label_head(tiny_multilabel: Path) -> None:
-    with pytest.raises(Exception, match="labels"):
+    with pytest.raises(RewardError, match="labels"):
         await started(tiny_multilabel)
     by_name = await started(tiny_multilabel, label="aspect2")
     by_index = await started(tiny_multilabel, label=2)
@@ -86,8 +86,6 @@ async def test_label_choice_on_a_multi_label_head(tiny_multilabel: Path) -> None
 
 
 async def test_missing_model_is_a_reward_error(tmp_path: Path) -> None:
-    from reward.base import RewardError
-
     with pytest.raises(RewardError):
         await started(tmp_path / "absent")
 

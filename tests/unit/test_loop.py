@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
-from fakes import Call, FakeBackend, FakeScorer
+from fakes import Call, FakeBackend, FakeScorer, stop_at_stop_strings
 
+from common.config import SBoNDefaults
+from engine.resolve import SBoNOverrides, resolve_params
 from engine.sbon import SBoNEngine, UnknownRewardError, find_stop, held_back
 from engine.seeds import BLOCK_SEED_STRIDE
 from engine.selection import kl_bon_bound
@@ -18,8 +20,6 @@ from engine.types import (
     SBoNResult,
     TextEvent,
 )
-
-pytestmark = pytest.mark.unit
 
 
 def make_engine(backend: FakeBackend, scorer: FakeScorer | None = None) -> SBoNEngine:
@@ -88,6 +88,46 @@ async def test_end_of_sequence_ends_the_response() -> None:
     assert result.text == "ok"
 
 
+def test_the_fake_backend_stops_at_a_stop_string_like_vllm() -> None:
+    words = Candidate((101, 102, 103), "w101 w102 w103 ", -1.5, "length")
+    assert stop_at_stop_strings(words, ("zzz",)) is words
+    stopped = stop_at_stop_strings(words, ("w103", "w102"))  # the earliest one stops
+    assert (stopped.text, stopped.token_ids) == ("w101 ", (101, 102))
+    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", "w102")
+    scripted = stop_at_stop_strings(Candidate((1, 2), "hello END x", -1.0, "length"), ("END",))
+    assert (scripted.text, scripted.token_ids, scripted.finish_reason) == (
+        "hello ", (1, 2), "stop")
+
+
+@pytest.mark.parametrize("params", [
+    SBoNParams(n=1, lam=math.inf, score=False),
+    SBoNParams(n=3, lam=math.inf),
+    SBoNParams(n=1, lam=math.inf, block_size=3, score=False),
+    SBoNParams(n=3, lam=math.inf, block_size=3),
+], ids=["plain", "per-response", "blockwise-plain", "blockwise"])
+async def test_a_stop_string_the_model_produced_ends_the_response_with_stop(
+    params: SBoNParams,
+) -> None:
+    # lambda = inf: the draws do not depend on the rewards, so the run without stop strings
+    # is the same generation as the run with them, up to the stop string.
+    sampling = SamplingSettings(max_tokens=9, seed=7)
+    reference = await make_engine(FakeBackend()).run("p", params, sampling, "r")
+    assert reference.finish_reason == "length" and len(reference.token_ids) == 9
+    stop = reference.text.split()[4]  # a word the model produced, in the second block
+    cut = reference.text.index(stop)
+    assert cut > 0
+    backend = FakeBackend()
+    result = await make_engine(backend).run(
+        "p", params, SamplingSettings(max_tokens=9, seed=7, stop=(stop,)), "r")
+    assert result.finish_reason == "stop"
+    assert result.text == reference.text[:cut] and stop not in result.text
+    assert result.token_ids == reference.token_ids[:len(result.token_ids)]
+    assert len(result.token_ids) < len(reference.token_ids)
+    chosen = result.blocks[-1].chosen
+    assert chosen.finish_reason == "stop"
+    assert backend.sampling_seen[-1].stop == (stop,)  # the engine was given the stop string
+
+
 async def test_stop_string_spanning_two_blocks_is_found() -> None:
     texts = iter(["hello EN", "D world"])
 
@@ -122,15 +162,14 @@ async def test_diagnostics_add_up_over_blocks() -> None:
 
 
 async def test_seeded_request_is_reproducible() -> None:
-    def run() -> object:
-        return make_engine(FakeBackend()).run(
+    async def run() -> SBoNResult:
+        return await make_engine(FakeBackend()).run(
             "p", SBoNParams(n=4, lam=0.3, block_size=2), SamplingSettings(max_tokens=6, seed=3),
             "r")
 
     first, second = await run(), await run()
-    assert first.text == second.text  # type: ignore[attr-defined]
-    assert [b.chosen_index for b in first.blocks] == [  # type: ignore[attr-defined]
-        b.chosen_index for b in second.blocks]  # type: ignore[attr-defined]
+    assert first.text == second.text
+    assert [b.chosen_index for b in first.blocks] == [b.chosen_index for b in second.blocks]
 
 
 async def test_plain_decoding_calls_no_reward() -> None:
@@ -190,3 +229,21 @@ async def test_token_streaming_applies_only_to_plain_decoding() -> None:
     events = [e async for e in engine.stream("p", SBoNParams(n=2), SamplingSettings(max_tokens=3),
                                              "r", token_stream=True)]
     assert not any(isinstance(e, TextEvent) for e in events)
+
+
+async def test_one_candidate_resolved_from_a_callers_options_pays_no_reward_call() -> None:
+    # What ``sbon generate --n 1`` and a request's ``"sbon": {"n": 1}`` resolve to.
+    scorer = FakeScorer()
+    for block_size in (None, 2):
+        params = resolve_params(SBoNDefaults(n=4), SBoNOverrides(
+            n=1, block_size=block_size, block_size_given=True))
+        assert params.score is False
+        result = await make_engine(FakeBackend(), scorer).run(
+            "p", params, SamplingSettings(max_tokens=4, seed=1), "r")
+        assert result.tokens_scored == 0 and len(result.token_ids) == 4
+    assert scorer.seen == []
+    # The same scorer is called as soon as there are candidates to choose from.
+    more = resolve_params(SBoNDefaults(n=4), SBoNOverrides(n=2))
+    await make_engine(FakeBackend(), scorer).run(
+        "p", more, SamplingSettings(max_tokens=4, seed=1), "r")
+    assert len(scorer.seen) == 2

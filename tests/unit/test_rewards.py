@@ -8,13 +8,11 @@ import pytest
 
 from common.config import JudgeRewardConfig, PythonRewardConfig
 from common.prompts import Message, Prompt, conversation, prompt_as_text
-from reward.base import RewardError
+from reward.base import BlockQuery, RewardError
 from reward.hf import token_budget_batches
-from reward.judge import JudgeScorer
+from reward.judge import JudgeScorer, LabelLogprobs
 from reward.python_fn import PythonScorer, load_callable
 from reward.registry import build_scorer
-
-pytestmark = pytest.mark.unit
 
 
 def python_reward(function: str) -> PythonScorer:
@@ -68,30 +66,60 @@ def test_token_budget_batches_respect_the_budget_and_cover_everything() -> None:
         assert longest * len(batch) <= 100 or len(batch) == 1
 
 
-class FakeLabels:
-    def __init__(self) -> None:
-        self.asked: list[tuple[Prompt, Sequence[str]]] = []
+class FakeJudgeEngine:
+    """Token ids are characters; the judge says Yes to queries that contain "good"."""
 
-    async def label_logprobs(self, prompt: Prompt, labels: Sequence[str]) -> list[float]:
-        self.asked.append((prompt, labels))
-        text = prompt_as_text(prompt)
-        return [-0.5, -2.0] if "good" in text else [-3.0, -0.1]
+    max_model_len = 4096
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[list[int], Sequence[str]]] = []
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        return [ord(c) for c in prompt_as_text(prompt) + "\n"]
+
+    def encode_text(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def follow_up_ids(self, question: str) -> list[int]:
+        return self.encode_text(f"\nQ: {question}\nA:")
+
+    async def label_logprobs(self, token_ids: Sequence[int],
+                             labels: Sequence[str]) -> LabelLogprobs:
+        self.asked.append((list(token_ids), labels))
+        text = "".join(chr(t) for t in token_ids)
+        values = [-0.5, -2.0] if "good" in text else [-3.0, -0.1]
+        return LabelLogprobs(values, computed_tokens=len(token_ids), cached_tokens=0)
 
 
 async def test_judge_reward_is_the_yes_no_margin() -> None:
-    source = FakeLabels()
+    source = FakeJudgeEngine()
     judge = build_scorer(JudgeRewardConfig(name="j", type="judge"), source)
     assert isinstance(judge, JudgeScorer)
     values = await judge.score(["q", "q"], ["a good answer", "bad"])
     assert values == [pytest.approx(1.5), pytest.approx(-2.9)]
-    asked_prompt, labels = source.asked[0]
+    asked, labels = source.asked[0]
     assert labels == ("Yes", "No")
-    assert "a good answer" in prompt_as_text(asked_prompt) and "q" in prompt_as_text(asked_prompt)
+    # The query is laid out shared part first: prompt, response, then the question.
+    text = "".join(chr(t) for t in asked)
+    assert text.startswith("q\na good answer\nQ: ") and text.endswith("\nA:")
+
+
+async def test_judge_block_queries_use_the_engine_token_ids() -> None:
+    source = FakeJudgeEngine()
+    judge = build_scorer(JudgeRewardConfig(name="j", type="judge", question="Good?"), source)
+    assert isinstance(judge, JudgeScorer)
+    query = BlockQuery(prompt="q", prompt_ids=[1, 2], prefix_text="ab", prefix_ids=[3],
+                       block_texts=["x", "y"], block_ids=[[4], [5, 6]])
+    scores = await judge.score_block(query)
+    suffix = source.follow_up_ids("Good?")
+    assert [ids for ids, _ in source.asked] == [[1, 2, 3, 4, *suffix], [1, 2, 3, 5, 6, *suffix]]
+    assert scores.computed_tokens == 2 * len(suffix) + 9 and scores.cached_tokens == 0
+    assert scores.rewards == [pytest.approx(-2.9)] * 2
 
 
 def test_judge_template_must_have_both_slots() -> None:
     with pytest.raises(ValueError):
         JudgeScorer(JudgeRewardConfig(name="j", type="judge", judge_template="{prompt} only"),
-                    FakeLabels())
+                    FakeJudgeEngine())
     with pytest.raises(ValueError):
         build_scorer(JudgeRewardConfig(name="j", type="judge"), None)

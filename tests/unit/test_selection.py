@@ -23,8 +23,6 @@ from engine.selection import (
     win_rate_bound,
 )
 
-pytestmark = pytest.mark.unit
-
 
 def test_weights_are_softmax_of_rewards_over_lambda() -> None:
     rewards, lam = [1.0, 2.0, 0.5], 0.7
