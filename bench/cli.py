@@ -83,7 +83,7 @@ def add_measure_commands(
     evaluate.add_argument("--block-sizes", type=_ints, default=(16,))
     evaluate.add_argument("--no-blockwise", action="store_true")
     evaluate.add_argument("--blockwise-lam", type=lambda_arg, default=1.0)
-    evaluate.add_argument("--pool", type=int, default=64,
+    evaluate.add_argument("--pool", type=int, default=32,
                           help="base samples per prompt (several times the largest n)")
     evaluate.add_argument("--draws", type=int, default=200, help="selections per prompt")
     evaluate.add_argument("--prompts", type=int, default=16)

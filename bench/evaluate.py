@@ -42,9 +42,10 @@ BON, SOFT, BLOCKWISE = "best-of-n", "soft best-of-n", "blockwise"
 CLOSED_FORM, ENUMERATION, MONTE_CARLO = "closed form", "enumeration", "Monte Carlo"
 NO_POOL_KL = "n/a (real runs)"
 # Soft best-of-n enumerates every n-subset of the pool up to this many, else samples as many
-# (the Monte Carlo noise then adds about 1e-3 nats to a pool of 64 at n = 8).
+# (the Monte Carlo error on the pool KL is then of order 1e-3 nats for a pool of 32, n = 8).
 POOL_SUBSETS = 200_000
 _CHUNK = 20_000
+SCORE_CHUNK = 16  # pool members per reward call
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class EvalSettings:
     soft_n: int = 8
     block_sizes: tuple[int, ...] = (16,)  # blockwise, at soft_n and blockwise_lam
     blockwise_lam: float = 1.0
-    pool: int = 64  # several times the largest n: see pool_kl_from_uniform
+    pool: int = 32  # several times the largest n: see pool_kl_from_uniform
     draws: int = 200
     prompts: int = 16
     max_tokens: int = 48
@@ -287,15 +288,23 @@ def pool_kl(pool: Pool, n: int, lam: float, seed: int | Sequence[int] = 0,
 
 async def build_pool(runtime: Any, item: PromptItem, index: int,
                      settings: EvalSettings) -> Pool:
-    """One engine request for the pool, one reward call for all of it."""
+    """One engine request for the pool, then reward calls of ``SCORE_CHUNK`` members each.
+
+    Each reward call is held to the reward's timeout, which is set for one request's n
+    candidates, so a large pool is scored a chunk at a time.
+    """
     sampling = settings.sampling(index)
     ids = runtime.backend.encode_prompt(item.prompt)
     candidates = await runtime.backend.generate(ids, settings.pool, sampling,
                                                 settings.max_tokens, f"eval-pool-{index}",
                                                 sampling.seed)
     _, scorer = runtime.sbon.scorer_for(settings.reward)
-    rewards = await scorer.score([item.prompt] * len(candidates), [c.text for c in candidates])
-    return Pool([float(r) for r in rewards], [c.cumulative_logprob for c in candidates])
+    rewards: list[float] = []
+    for start in range(0, len(candidates), SCORE_CHUNK):
+        chunk = candidates[start:start + SCORE_CHUNK]
+        scores = await scorer.score([item.prompt] * len(chunk), [c.text for c in chunk])
+        rewards.extend(float(r) for r in scores)
+    return Pool(rewards, [c.cumulative_logprob for c in candidates])
 
 
 async def blockwise_draw(runtime: Any, item: PromptItem, index: int, pool: Pool,

@@ -5,22 +5,21 @@ models): ``AutoModelForSequenceClassification`` with one output logit, or a chos
 (prompt, response) pairs are formatted with the reward model's own chat template when it has
 one. Concurrent requests are gathered into shared batches, split by a token budget, and run
 on one worker thread so the event loop never blocks; a batch that fails is retried request by
-request, and the reward's ``timeout_s`` bounds every call (engine/guarded.py).
+request (reward/batching.py), and the reward's ``timeout_s`` bounds every call
+(engine/guarded.py).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from common.config import HFRewardConfig
 from common.prompts import Prompt, conversation, prompt_as_text
 from reward.base import RewardError, check_lengths
+from reward.batching import BatchWorker
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +30,6 @@ class _Item:
 
     prefix: str
     full: str
-
-
-@dataclass
-class _Pending:
-    items: list[_Item]
-    future: asyncio.Future[list[float]]
 
 
 def token_budget_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
@@ -70,25 +63,16 @@ class HFRewardScorer:
         self._tokenizer: Any = None
         self._label_index = 0
         self._share_kv = False
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"reward-{config.name}"
-        )
-        self._queue: asyncio.Queue[_Pending] | None = None
-        self._worker: asyncio.Task[None] | None = None
+        # _score_items is looked up at every batch, so a replaced method is the one used.
+        self._batcher: BatchWorker[_Item] = BatchWorker(
+            config.name, config.batch_wait_ms, lambda items: self._score_items(items), logger)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._load)
-        self._queue = asyncio.Queue()
-        self._worker = asyncio.create_task(self._serve(), name=f"reward-{self.name}")
+        await self._batcher.run(self._load)  # on the thread that will score
+        self._batcher.start()
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        await self._batcher.close()
 
     def _load(self) -> None:
         import torch
@@ -142,7 +126,7 @@ class HFRewardScorer:
     @property
     def healthy(self) -> bool:
         """Loaded, and its batching worker still running."""
-        return self._worker is not None and not self._worker.done()
+        return self._batcher.healthy
 
     @property
     def shares_prompt_kv(self) -> bool:
@@ -193,58 +177,12 @@ class HFRewardScorer:
 
     async def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         check_lengths(prompts, responses)
-        if self._queue is None:
-            raise RewardError(f"reward '{self.name}' is not loaded")
+        self._batcher.check_open()
         if not prompts:
             return []
         items = [_Item(self.format_prefix(p), self.format(p, r))
                  for p, r in zip(prompts, responses, strict=True)]
-        future: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(items, future))
-        return await future
-
-    async def _serve(self) -> None:
-        """Gather what arrives within ``batch_wait_ms`` into one forward pass series."""
-        assert self._queue is not None
-        while True:
-            pending = [await self._queue.get()]
-            if self._config.batch_wait_ms > 0:
-                await asyncio.sleep(self._config.batch_wait_ms / 1000.0)
-            while not self._queue.empty():
-                pending.append(self._queue.get_nowait())
-            pending = [p for p in pending if not p.future.cancelled()]
-            if pending:
-                await self._run_batch(pending)
-
-    async def _run_batch(self, pending: list[_Pending]) -> None:
-        """Score one shared batch; if it fails, score each request on its own, so that one
-        client's input that breaks the model fails that client's request only."""
-        loop = asyncio.get_running_loop()
-        items = [t for p in pending for t in p.items]
-        try:
-            values = await loop.run_in_executor(self._executor, self._score_items, items)
-        except Exception as exc:
-            if len(pending) == 1:
-                self._fail(pending[0], exc)
-                return
-            logger.warning("a shared reward batch failed; scoring its requests one by one",
-                           extra={"reward": self.name, "requests": len(pending)})
-            for one in pending:
-                if not one.future.done():
-                    await self._run_batch([one])
-            return
-        offset = 0
-        for p in pending:
-            if not p.future.done():
-                p.future.set_result(values[offset : offset + len(p.items)])
-            offset += len(p.items)
-
-    def _fail(self, pending: _Pending, exc: Exception) -> None:
-        error = exc if isinstance(exc, RewardError) else RewardError(
-            f"reward '{self.name}' failed: {type(exc).__name__}")
-        if not pending.future.done():
-            pending.future.set_exception(error)
-        logger.error("reward scoring failed", extra={"reward": self.name}, exc_info=exc)
+        return await self._batcher.submit(items)
 
     def _encode(self, text: str) -> list[int]:
         # A chat template already writes the special tokens the model was trained with.

@@ -18,25 +18,23 @@ The reward aggregates the step scores: ``last`` (the newest step, for blockwise 
 with a block delimiter, where prefix + block holds every step so far), ``min`` or ``prod``.
 Candidates of one block share the question and the earlier steps: their KV is computed once
 and each candidate's newest step runs on top of it. Concurrent requests are gathered into
-shared batches on one worker thread (as in reward/hf.py); a batch that fails is retried
-request by request.
+shared batches on one worker thread (reward/batching.py, as in reward/hf.py); a batch that
+fails is retried request by request.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import copy
 import logging
 import math
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from common.config import PRMRewardConfig
 from common.prompts import Prompt, chat_messages, prompt_as_text
 from reward.base import RewardError, check_lengths
+from reward.batching import BatchWorker
 from reward.hf import token_budget_batches
 
 logger = logging.getLogger(__name__)
@@ -46,12 +44,6 @@ logger = logging.getLogger(__name__)
 class _Query:
     prompt: Prompt
     response: str
-
-
-@dataclass
-class _Pending:
-    queries: list[_Query]
-    future: asyncio.Future[list[float]]
 
 
 @dataclass(frozen=True)
@@ -118,32 +110,24 @@ class PRMScorer:
         self._tokenizer: Any = None
         self._label_ids: list[int] = []  # good, bad (causal formats)
         self._share_kv = False
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"reward-{config.name}"
-        )
-        self._queue: asyncio.Queue[_Pending] | None = None
-        self._worker: asyncio.Task[None] | None = None
+        # _score_queries is looked up at every batch, so a replaced method is the one used.
+        self._batcher: BatchWorker[_Query] = BatchWorker(
+            config.name, config.batch_wait_ms, lambda queries: self._score_queries(queries),
+            logger)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._load)
-        self._queue = asyncio.Queue()
-        self._worker = asyncio.create_task(self._serve(), name=f"reward-{self.name}")
+        await self._batcher.run(self._load)  # on the thread that will score
+        self._batcher.start()
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        await self._batcher.close()
 
     @property
     def healthy(self) -> bool:
         """Loaded, and its batching worker still running."""
-        return self._worker is not None and not self._worker.done()
+        return self._batcher.healthy
 
     @property
     def shares_prefix_kv(self) -> bool:
@@ -343,63 +327,16 @@ class PRMScorer:
 
     async def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         check_lengths(prompts, responses)
-        if self._queue is None:
-            raise RewardError(f"reward '{self.name}' is not loaded")
-        if not prompts:
-            return []
+        self._batcher.check_open()
         queries = [_Query(p, r) for p, r in zip(prompts, responses, strict=True)]
-        future: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(queries, future))
-        return await future
-
-    async def _serve(self) -> None:
-        """Gather what arrives within ``batch_wait_ms`` into one series of forward passes."""
-        assert self._queue is not None
-        while True:
-            pending = [await self._queue.get()]
-            if self._config.batch_wait_ms > 0:
-                await asyncio.sleep(self._config.batch_wait_ms / 1000.0)
-            while not self._queue.empty():
-                pending.append(self._queue.get_nowait())
-            pending = [p for p in pending if not p.future.cancelled()]
-            if pending:
-                await self._run_batch(pending)
-
-    async def _run_batch(self, pending: list[_Pending]) -> None:
-        """Score one shared batch; if it fails, score each request on its own, so that one
-        client's input that breaks the model fails that client's request only."""
-        loop = asyncio.get_running_loop()
-        queries = [q for p in pending for q in p.queries]
-        try:
-            values = await loop.run_in_executor(self._executor, self._score_queries, queries)
-        except Exception as exc:
-            if len(pending) == 1:
-                self._fail(pending[0], exc)
-                return
-            logger.warning("a shared reward batch failed; scoring its requests one by one",
-                           extra={"reward": self.name, "requests": len(pending)})
-            for one in pending:
-                if not one.future.done():
-                    await self._run_batch([one])
-            return
-        offset = 0
-        for p in pending:
-            if not p.future.done():
-                p.future.set_result(values[offset : offset + len(p.queries)])
-            offset += len(p.queries)
-
-    def _fail(self, pending: _Pending, exc: Exception) -> None:
-        error = exc if isinstance(exc, RewardError) else RewardError(
-            f"reward '{self.name}' failed: {type(exc).__name__}")
-        if not pending.future.done():
-            pending.future.set_exception(error)
-        logger.error("reward scoring failed", extra={"reward": self.name}, exc_info=exc)
+        return await self._batcher.submit(queries)
 
     # -- scoring (worker thread) -----------------------------------------------------------
 
     def step_scores(self, prompts: Sequence[Prompt], responses: Sequence[str]
                     ) -> list[list[float]]:
-        """Each response's scored steps (synchronous; the newest only with ``last``)."""
+        """Each response's scored steps (the newest only with ``last``). Synchronous, on the
+        calling thread: for tests and tools, not for a scorer that is serving requests."""
         check_lengths(prompts, responses)
         return self._score_encoded([self.encode(self.render(p, r))
                                     for p, r in zip(prompts, responses, strict=True)])

@@ -48,6 +48,7 @@ class VLLMRewardScorer:
 
     def __init__(self, config: VLLMRewardConfig, engine: ClassifierEngine) -> None:
         self.name = config.name
+        self.timeout_s = config.timeout_s  # applied by engine/guarded.py to every call
         self._config = config
         self._engine = engine
         self._label = 0

@@ -2,12 +2,16 @@
 
 Request context (request ids, request metrics, the access log), then the API key (checked
 before any byte of the body is read, in constant time), then the body limit (413 before
-parsing: a declared Content-Length over the limit is refused at once, and a body without
-one is counted as it streams in). All of them answer with OpenAI's error envelope.
+parsing: a body is counted as it streams in, and one over the limit is never stored or
+parsed; the rest of a moderately oversized body is read and dropped first, so that the
+client, still sending, can read the 413; a declared Content-Length far over the limit is
+refused at once). All of them answer with OpenAI's error envelope.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -27,6 +31,8 @@ _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 KNOWN_PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
 OPEN_PATHS = frozenset({"/health"})  # probes need no key
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+DISCARD_FACTOR = 8  # bodies up to this many times the limit are drained before the 413
+DISCARD_TIMEOUT_S = 10.0
 
 
 class RequestContextMiddleware:
@@ -128,6 +134,8 @@ class BodyLimitMiddleware:
         declared = _header(scope, b"content-length")
         if declared is not None and (not declared.strip().isdigit()
                                      or int(declared) > self.limit):
+            if declared.strip().isdigit() and int(declared) <= self.limit * DISCARD_FACTOR:
+                await _discard(receive, self.limit * DISCARD_FACTOR)
             await self._refuse(scope, receive, send)
             return
         body = bytearray()
@@ -137,10 +145,13 @@ class BodyLimitMiddleware:
                 await self.app(scope, _replay(b"", message, receive), send)
                 return
             body += message.get("body", b"")
+            more = bool(message.get("more_body", False))
             if len(body) > self.limit:
+                if more:
+                    await _discard(receive, self.limit * DISCARD_FACTOR - len(body))
                 await self._refuse(scope, receive, send)
                 return
-            if not message.get("more_body", False):
+            if not more:
                 break
         await self.app(scope, _replay(bytes(body), None, receive), send)
 
@@ -150,6 +161,19 @@ class BodyLimitMiddleware:
         # The rest of the body is never read: the connection cannot be reused.
         response = error_response(error, {"Connection": "close"})
         await response(scope, receive, send)
+
+
+async def _discard(receive: Receive, budget: int) -> None:
+    """Read and drop the rest of a body (at most ``budget`` bytes, for a bounded time)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DISCARD_TIMEOUT_S):
+            while budget > 0:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                budget -= len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
 
 
 def _replay(body: bytes, first: Message | None, receive: Receive) -> Receive:

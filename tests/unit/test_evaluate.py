@@ -16,9 +16,11 @@ from bench.evaluate import (
     ENUMERATION,
     MONTE_CARLO,
     NO_POOL_KL,
+    SCORE_CHUNK,
     SOFT,
     EvalSettings,
     Pool,
+    build_pool,
     draw_from_pool,
     hard_bon_pool_probabilities,
     markdown_table,
@@ -217,3 +219,21 @@ async def test_run_eval_reports_every_setting_consistently(tmp_path) -> None:
     assert len(table) == 2 + len(rows) and table[0].startswith("| method")
     assert json.loads(json.dumps(report.to_dict()))["settings"]["lam_grid"] == [0.5, "inf"]
     assert eval_chart(report, tmp_path / "eval.png").read_bytes()[:4] == b"\x89PNG"
+
+
+async def test_a_large_pool_is_scored_a_chunk_at_a_time() -> None:
+    # Each reward call is held to the reward's timeout, sized for one request's candidates.
+    sizes: list[int] = []
+
+    class CountingScorer(FakeScorer):
+        async def score(self, prompts, responses):  # type: ignore[no-untyped-def]
+            sizes.append(len(responses))
+            return await super().score(prompts, responses)
+
+    runtime = fake_runtime(FakeBackend(), {"fake": CountingScorer()})
+    settings = EvalSettings(pool=2 * SCORE_CHUNK + 5)
+    item = load_prompts(None, 1)[0]
+    pool = await build_pool(runtime, item, 0, settings)
+    assert sizes == [SCORE_CHUNK, SCORE_CHUNK, 5]
+    assert len(pool.rewards) == len(pool.logprobs) == 2 * SCORE_CHUNK + 5
+    assert pool.rewards == sorted(pool.rewards)  # the fake's candidate i is i + 1 tokens long

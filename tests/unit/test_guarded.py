@@ -131,8 +131,7 @@ async def test_a_failed_hf_batch_is_retried_request_by_request() -> None:
     scorer._score_items = score_items  # type: ignore[method-assign]
     scorer.format = lambda p, r: f"{p}|{r}"  # type: ignore[method-assign]
     scorer.format_prefix = lambda p: f"{p}|"  # type: ignore[method-assign]
-    scorer._queue = asyncio.Queue()
-    scorer._worker = asyncio.create_task(scorer._serve())
+    scorer._batcher.start()
     try:
         good, bad = await asyncio.gather(scorer.score(["q"], ["fine"]),
                                          scorer.score(["q"], ["poison"]),
