@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from common.config import AppConfig
 from engine.sbon import SBoNEngine
-from engine.selftest import run_selftest
-from engine.vllm_backend import VLLMBackend
+from engine.selftest import StartupError, check_compiler, describe, run_selftest
+from engine.vllm_backend import VLLMBackend, _on_cpu, engine_environment
 from engine.vllm_pooling import PoolingEngine
 from reward.base import RewardScorer
 from reward.registry import build_scorers
@@ -41,14 +42,21 @@ async def start_runtime(config: AppConfig) -> Runtime:
     scores once per reward, so a broken environment fails here, at start, not at the first
     request; everything started is closed again before the error propagates.
     """
+    if _on_cpu():
+        environ = {**os.environ, **engine_environment(config, True, os.environ)}
+        check_compiler(environ.get("TORCHDYNAMO_DISABLE") != "1", environ)
     backend = VLLMBackend(config)
     await backend.start()
     # Reward engines start after the generator, one after the other (their memory shares
     # are fixed in the configuration).
     scorers = build_scorers(config.rewards, judge_source=backend, classifier_engine=PoolingEngine)
     try:
-        for scorer in scorers.values():
-            await scorer.start()
+        for name, scorer in scorers.items():
+            try:
+                await scorer.start()
+            except Exception as exc:
+                raise StartupError(f"the reward '{name}' failed to start: {describe(exc)}"
+                                   ) from exc
     except BaseException:
         await backend.close()
         raise

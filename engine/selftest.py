@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import shutil
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -34,8 +35,31 @@ MAX_TOKENS = 2
 TIMEOUT_S = 600.0  # the first call may compile kernels (GPU graphs, CPU helpers)
 
 
-class SelfTestError(RuntimeError):
+class StartupError(RuntimeError):
+    """The runtime cannot serve in this environment; the message says what to change."""
+
+
+class SelfTestError(StartupError):
     """The engine or a reward failed the start-up self-test."""
+
+
+def check_compiler(compile_on: bool, environ: Mapping[str, str]) -> None:
+    """Refuse, before the engine starts, a CPU configuration that compiles with no compiler.
+
+    On the CPU backend torch.compile (vLLM's helper kernels, and the model itself without
+    ``enforce_eager``) builds C++ at run time with ``$CXX`` or ``g++``; without one the engine
+    dies at its first log-probability request.
+    """
+    if not compile_on:
+        return
+    compiler = environ.get("CXX") or "g++"
+    if shutil.which(compiler, path=environ.get("PATH")):
+        return
+    raise StartupError(
+        f"torch.compile is on for the CPU backend (engine.torch_compile: true, "
+        f"engine.enforce_eager: false or TORCHDYNAMO_DISABLE=0) and builds C++ kernels at run "
+        f"time, but no C++ compiler was found ('{compiler}' is not on PATH). Install one or "
+        f"set engine.torch_compile: false.")
 
 
 @dataclass(frozen=True)

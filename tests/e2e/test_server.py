@@ -37,10 +37,11 @@ SBON_BLOCKWISE_TYPES: dict[str, type | tuple[type, ...]] = {
     "kl_from_uniform": float, "kl_bon_bound": float, "kl_estimate": float,
     "win_rate_bound": float, "tokens_generated": int, "tokens_scored": int,
     "tokens_prefilled": dict, "tokens_cached": dict, "timings_s": dict,
+    "kl_budget": type(None), "lambdas": list, "block_delimiter": type(None),
 }
 BLOCK_TYPES: dict[str, type | tuple[type, ...]] = {
     "index": int, "chosen_index": int, "rewards": list, "weights": list, "ess": float,
-    "kl_from_uniform": float, "kl_estimate": float,
+    "kl_from_uniform": float, "kl_estimate": float, "lambda": float,
 }
 
 
@@ -81,6 +82,7 @@ def test_chat_completion_with_and_without_sbon(live_server: LiveServer) -> None:
     sbon = choice["sbon"]
     check_types(sbon, SBON_BLOCKWISE_TYPES)
     assert (sbon["n"], sbon["lambda"], sbon["block_size"]) == (3, 0.5, 8)
+    assert sbon["lambdas"] == [0.5] * len(sbon["blocks"])
     assert sbon["normalize"] == "raw" and sbon["reward"] == "judge" and sbon["scored"] is True
     assert 1 <= len(sbon["blocks"]) <= 2
     for index, block in enumerate(sbon["blocks"]):
@@ -129,8 +131,10 @@ def test_streaming_chat_and_completions(live_server: LiveServer) -> None:
 
 
 def test_a_disconnected_client_leaves_no_engine_requests(live_server: LiveServer) -> None:
-    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 400,
-            "sbon": {"n": 4, "block_size": 16}}
+    # A long answer in many scored blocks: far from done when the client gives up.
+    body = {"model": MODEL, "max_tokens": 400, "sbon": {"n": 8, "block_size": 16},
+            "messages": [{"role": "user", "content": "Write a long essay, in many "
+                          "paragraphs, on the history of sailing ships."}]}
     seen = {"max": 0.0}
     stop = threading.Event()
 
@@ -143,7 +147,7 @@ def test_a_disconnected_client_leaves_no_engine_requests(live_server: LiveServer
     watcher.start()
     try:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{live_server.url}/v1/chat/completions", json=body, timeout=4)
+            httpx.post(f"{live_server.url}/v1/chat/completions", json=body, timeout=1.5)
     finally:
         time.sleep(0.5)
         stop.set()

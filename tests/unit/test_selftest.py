@@ -4,6 +4,7 @@ CPU backend gives the engine (no compiler, no large /dev/shm needed)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,15 @@ from fakes import FakeBackend, FakeScorer
 import engine.runtime as runtime_module
 from common.config import AppConfig, load_config
 from engine.backend import BackendError
-from engine.selftest import MAX_TOKENS, RESPONSE, SelfTestError, describe, run_selftest
+from engine.selftest import (
+    MAX_TOKENS,
+    RESPONSE,
+    SelfTestError,
+    StartupError,
+    check_compiler,
+    describe,
+    run_selftest,
+)
 from engine.types import Candidate
 from engine.vllm_backend import engine_environment
 
@@ -102,6 +111,25 @@ class StartableBackend(FakeBackend):
         self.closed = True
 
 
+@pytest.fixture
+def off_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime_module, "_on_cpu", lambda: False)
+
+
+@pytest.fixture
+def backends(monkeypatch: pytest.MonkeyPatch) -> list[StartableBackend]:
+    """Every backend start_runtime makes (fakes with the real lifecycle)."""
+    made: list[StartableBackend] = []
+
+    def make(config: AppConfig) -> StartableBackend:
+        made.append(StartableBackend(config))
+        return made[-1]
+
+    monkeypatch.setattr(runtime_module, "VLLMBackend", make)
+    return made
+
+
+@pytest.mark.usefixtures("off_cpu")
 async def test_start_runtime_fails_and_closes_everything_when_a_reward_is_broken(
         monkeypatch: pytest.MonkeyPatch) -> None:
     made: list[StartableBackend] = []
@@ -127,6 +155,7 @@ async def test_start_runtime_fails_and_closes_everything_when_a_reward_is_broken
     assert sorted(closed) == ["judge", "length"]
 
 
+@pytest.mark.usefixtures("off_cpu")
 async def test_start_runtime_returns_after_a_passing_self_test(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runtime_module, "VLLMBackend", StartableBackend)
@@ -137,6 +166,44 @@ async def test_start_runtime_returns_after_a_passing_self_test(
     await started.close()
 
 
+@pytest.mark.usefixtures("off_cpu")
+async def test_a_reward_that_cannot_start_is_named(
+        monkeypatch: pytest.MonkeyPatch, backends: list[StartableBackend]) -> None:
+    class Unloadable(FakeScorer):
+        async def start(self) -> None:
+            raise OSError("no such model folder")
+
+    monkeypatch.setattr(runtime_module, "build_scorers",
+                        lambda *a, **k: {"judge": FakeScorer(), "rm": Unloadable(name="rm")})
+    with pytest.raises(StartupError, match="reward 'rm' failed to start: OSError: no such"):
+        await runtime_module.start_runtime(load_config(None, [], environ={}))
+    assert backends[0].closed
+
+
+def test_compile_without_a_compiler_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StartupError, match=r"no C\+\+ compiler.*'g\+\+'.*torch_compile: false"):
+        check_compiler(True, {"PATH": str(tmp_path)})
+    check_compiler(False, {"PATH": str(tmp_path)})  # compile off: nothing to build
+    compiler = tmp_path / "my-cxx"
+    compiler.write_text("#!/bin/sh\n")
+    compiler.chmod(0o755)
+    check_compiler(True, {"PATH": str(tmp_path), "CXX": "my-cxx"})
+    with pytest.raises(StartupError, match="'g\\+\\+' is not on PATH"):
+        check_compiler(True, {"PATH": str(tmp_path)})
+
+
+async def test_start_refuses_compile_without_a_compiler_before_the_engine_starts(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+        backends: list[StartableBackend]) -> None:
+    monkeypatch.setattr(runtime_module, "_on_cpu", lambda: True)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    config = load_config(None, ["engine.torch_compile=true"], environ={})
+    with pytest.raises(StartupError, match="no C"):
+        await runtime_module.start_runtime(config)
+    assert not backends
+
+
 def environment(*overrides: str, on_cpu: bool = True,
                 environ: dict[str, str] | None = None) -> dict[str, str]:
     config = load_config(None, list(overrides), environ={})
@@ -144,7 +211,15 @@ def environment(*overrides: str, on_cpu: bool = True,
 
 
 def test_the_cpu_backend_needs_no_compiler_and_no_large_shared_memory() -> None:
-    assert environment() == {"TORCHDYNAMO_DISABLE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    assert environment() == {"TORCHDYNAMO_DISABLE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                             "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def test_openmp_waits_passively_only_with_the_in_process_worker() -> None:
+    assert environment(environ={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"})[
+        "OMP_WAIT_POLICY"] == "PASSIVE"  # the image sets the executor itself
+    assert "OMP_WAIT_POLICY" not in environment("engine.tensor_parallel_size=2")
+    assert "OMP_WAIT_POLICY" not in environment(environ={"OMP_WAIT_POLICY": "ACTIVE"})
 
 
 def test_compile_can_be_kept_on_or_turned_off_anywhere() -> None:
@@ -173,5 +248,5 @@ def test_parallel_or_explicit_executors_keep_vllms_multiprocessing(setting: str)
 
 def test_an_explicit_multiprocessing_setting_wins() -> None:
     env = environment(environ={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
-    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env and "OMP_WAIT_POLICY" not in env
 
