@@ -118,7 +118,7 @@ def engine_environment(config: AppConfig, on_cpu: bool,
       a child connected by ring buffers in /dev/shm (about 400 MiB; containers get 64 MiB).
     - ``OMP_WAIT_POLICY=PASSIVE`` with that executor: OpenMP threads that spin between
       parallel regions then compete with the engine loop in the same process (measured on 2
-      busy cores: 3-10x the CPU time per request; passive waiting was as fast as vLLM's
+      busy cores: 2.5-10x the CPU time per request; passive waiting was as fast as vLLM's
       multi-process executor, with less CPU).
     """
     engine = config.engine
