@@ -137,7 +137,11 @@ def test_compose_runs_the_service_with_prometheus_and_grafana() -> None:
         assert ":latest" not in service.get("image", "")
     sbon = services["sbon"]
     assert sbon["build"]["dockerfile"] == "docker/Dockerfile.cpu"
-    assert "8000:8000" in sbon["ports"]
+    # Published on the host's loopback only: the API (and Prometheus, Grafana) are not
+    # exposed to the network unless someone edits the mapping on purpose (and sets a key).
+    assert "127.0.0.1:8000:8000" in sbon["ports"]
+    for service in services.values():
+        assert all(str(p).startswith("127.0.0.1:") for p in service.get("ports", [])), service
     for service in services.values():  # every mounted file exists in the repository
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
