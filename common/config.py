@@ -242,6 +242,9 @@ class Limits(BaseModel):
     # Characters of one prompt (all its messages together), checked before tokenising.
     max_prompt_chars: int = Field(default=65536, ge=1)
     max_body_bytes: int = Field(default=2_097_152, ge=1024)  # request body; 413 beyond
+    # The whole body must arrive within this time (408 beyond): a client that trickles its
+    # body cannot hold a connection and a reader open indefinitely.
+    body_timeout_s: float = Field(default=30.0, gt=0.0)
     max_concurrent_requests: int = Field(default=16, ge=1)  # completion requests in flight
     # Candidates in flight across the server: a request costs prompts x n x sbon.n, so one
     # large request takes its share and cannot starve many small ones.

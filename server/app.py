@@ -106,7 +106,8 @@ def create_app(config: AppConfig, start_runtime: RuntimeStarter | None = None,
     install_error_handlers(app)
     _add_routes(app, state)
     # Added innermost first: context (outermost), then the key, then the body limit.
-    app.add_middleware(BodyLimitMiddleware, limit=limits.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=limits.max_body_bytes,
+                       timeout_s=limits.body_timeout_s)
     key = config.server.api_key
     app.add_middleware(APIKeyMiddleware, api_key=key.get_secret_value() if key else None)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)

@@ -21,7 +21,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import PayloadTooLarge, Unauthorized, error_response
+from server.errors import PayloadTooLarge, RequestTimeout, Unauthorized, error_response
 from server.metrics import Metrics
 
 logger = logging.getLogger("sbon.server")
@@ -121,11 +121,13 @@ class APIKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Requests whose body exceeds ``limit`` bytes get a 413 before anything parses them."""
+    """Requests whose body exceeds ``limit`` bytes get a 413 before anything parses them,
+    and those whose body has not fully arrived after ``timeout_s`` seconds a 408."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.limit = limit
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") not in BODY_METHODS:
@@ -139,21 +141,32 @@ class BodyLimitMiddleware:
             await self._refuse(scope, receive, send)
             return
         body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                await self.app(scope, _replay(b"", message, receive), send)
-                return
-            body += message.get("body", b"")
-            more = bool(message.get("more_body", False))
-            if len(body) > self.limit:
-                if more:
-                    await _discard(receive, self.limit * DISCARD_FACTOR - len(body))
-                await self._refuse(scope, receive, send)
-                return
-            if not more:
-                break
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":  # the client went away
+                        await self.app(scope, _replay(b"", message, receive), send)
+                        return
+                    body += message.get("body", b"")
+                    more = bool(message.get("more_body", False))
+                    if len(body) > self.limit:
+                        if more:
+                            await _discard(receive, self.limit * DISCARD_FACTOR - len(body))
+                        await self._refuse(scope, receive, send)
+                        return
+                    if not more:
+                        break
+        except TimeoutError:
+            await self._too_slow(scope, receive, send, len(body))
+            return
         await self.app(scope, _replay(bytes(body), None, receive), send)
+
+    async def _too_slow(self, scope: Scope, receive: Receive, send: Send, got: int) -> None:
+        error = RequestTimeout(f"The request body did not arrive within {self.timeout_s:g} s "
+                               f"({got} bytes received; limits.body_timeout_s).", None,
+                               "body_timeout")
+        await error_response(error, {"Connection": "close"})(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = PayloadTooLarge(f"The request body is larger than {self.limit} bytes "

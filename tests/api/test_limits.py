@@ -168,3 +168,17 @@ def test_admission_counts_candidates_and_429_carries_retry_after(server_factory)
         thread.join()
     assert served.state.admission.candidates == 0 and served.state.admission.in_flight == 0
     still_serves(served)
+
+
+def test_a_body_that_trickles_in_gets_a_408_and_the_server_goes_on(server_factory) -> None:
+    served = server_factory(limits={"body_timeout_s": 0.5})
+    port = int(served.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mod")
+        started = time.monotonic()
+        reply = sock.recv(65536).decode()  # the rest of the body never comes
+    assert reply.startswith("HTTP/1.1 408") and time.monotonic() - started < 3
+    assert '"code":"body_timeout"' in reply.replace(" ", "")
+    assert served.backend.calls == []
+    still_serves(served)
