@@ -160,3 +160,28 @@ class BatchWorker(Generic[ItemT]):
         for p in pending:
             if not p.future.done():
                 p.future.set_exception(RewardError(f"reward '{self.name}' is closed"))
+
+
+class BatchedModelScorer(Generic[ItemT]):
+    """The life cycle shared by scorers that run a model on a :class:`BatchWorker`.
+
+    A subclass sets ``self._batcher`` and implements ``_load`` (run on the scoring thread,
+    so the model lives on the thread that uses it).
+    """
+
+    _batcher: BatchWorker[ItemT]
+
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        await self._batcher.run(self._load)  # on the thread that will score
+        self._batcher.start()
+
+    async def close(self) -> None:
+        await self._batcher.close()
+
+    @property
+    def healthy(self) -> bool:
+        """Loaded, and its batching worker still running."""
+        return self._batcher.healthy

@@ -19,7 +19,7 @@ from typing import Any
 from common.config import HFRewardConfig
 from common.prompts import Prompt, conversation, prompt_as_text
 from reward.base import RewardError, check_lengths
-from reward.batching import BatchWorker
+from reward.batching import BatchedModelScorer, BatchWorker
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def token_budget_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[
     return batches
 
 
-class HFRewardScorer:
+class HFRewardScorer(BatchedModelScorer[_Item]):
     """A sequence-classification reward model with cross-request micro-batching."""
 
     def __init__(self, config: HFRewardConfig) -> None:
@@ -66,13 +66,6 @@ class HFRewardScorer:
         # _score_items is looked up at every batch, so a replaced method is the one used.
         self._batcher: BatchWorker[_Item] = BatchWorker(
             config.name, config.batch_wait_ms, lambda items: self._score_items(items), logger)
-
-    async def start(self) -> None:
-        await self._batcher.run(self._load)  # on the thread that will score
-        self._batcher.start()
-
-    async def close(self) -> None:
-        await self._batcher.close()
 
     def _load(self) -> None:
         import torch
@@ -122,11 +115,6 @@ class HFRewardScorer:
         return len(shared) == 2 and all(
             abs(shared[i] - reference[i]) <= 1e-3 * max(1.0, abs(reference[i])) for i in (0, 1)
         )
-
-    @property
-    def healthy(self) -> bool:
-        """Loaded, and its batching worker still running."""
-        return self._batcher.healthy
 
     @property
     def shares_prompt_kv(self) -> bool:

@@ -34,7 +34,7 @@ from typing import Any
 from common.config import PRMRewardConfig
 from common.prompts import Prompt, chat_messages, prompt_as_text
 from reward.base import RewardError, check_lengths
-from reward.batching import BatchWorker
+from reward.batching import BatchedModelScorer, BatchWorker
 from reward.hf import token_budget_batches
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def _newest_start(text: str, step: str, reads: list[int]) -> int | None:
     return index if index >= 0 else None
 
 
-class PRMScorer:
+class PRMScorer(BatchedModelScorer[_Query]):
     """A process reward model with cross-request micro-batching and shared-prefix KV."""
 
     def __init__(self, config: PRMRewardConfig) -> None:
@@ -116,18 +116,6 @@ class PRMScorer:
             logger)
 
     # -- lifecycle -------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        await self._batcher.run(self._load)  # on the thread that will score
-        self._batcher.start()
-
-    async def close(self) -> None:
-        await self._batcher.close()
-
-    @property
-    def healthy(self) -> bool:
-        """Loaded, and its batching worker still running."""
-        return self._batcher.healthy
 
     @property
     def shares_prefix_kv(self) -> bool:
