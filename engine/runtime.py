@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from common.config import AppConfig
 from engine.sbon import SBoNEngine
 from engine.selftest import StartupError, check_compiler, describe, run_selftest
-from engine.vllm_backend import VLLMBackend, _on_cpu, engine_environment
+from engine.vllm_backend import VLLMBackend, engine_environment, on_cpu
 from engine.vllm_pooling import PoolingEngine
 from reward.base import RewardScorer
 from reward.registry import build_scorers
@@ -42,7 +42,7 @@ async def start_runtime(config: AppConfig) -> Runtime:
     scores once per reward, so a broken environment fails here, at start, not at the first
     request; everything started is closed again before the error propagates.
     """
-    if _on_cpu():
+    if on_cpu():
         environ = {**os.environ, **engine_environment(config, True, os.environ)}
         check_compiler(environ.get("TORCHDYNAMO_DISABLE") != "1", environ)
     backend = VLLMBackend(config)

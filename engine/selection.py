@@ -186,22 +186,6 @@ def win_rate_bound(n: int) -> float:
     return n / (n + 1)
 
 
-def kl_budget_lambda(n: int, kl_budget: float, reward_range: float) -> float:
-    """Smallest lambda whose soft best-of-n KL stays within ``kl_budget``.
-
-    From KL <= log(n / (1 + (n-1) exp(-R/lambda))): lambda >= R / log((n-1) / (n e^-K - 1)).
-    A budget of log n or more is met by any lambda (returns 0, hard best-of-n). The bound
-    for rewards in a range of width R follows Aminian et al. 2025 (arXiv 2507.05913); see
-    docs/maths.md, "The KL-budget solver".
-    """
-    if n < 2 or kl_budget >= math.log(n):
-        return 0.0
-    if kl_budget <= 0.0:
-        return math.inf
-    denom = n * math.exp(-kl_budget) - 1.0
-    return reward_range / math.log((n - 1) / denom)
-
-
 KL_BUDGET_ITERATIONS = 200
 
 

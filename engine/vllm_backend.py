@@ -17,6 +17,7 @@ from typing import Any
 
 from common.config import AppConfig
 from common.prompts import Prompt, chat_messages, prompt_as_text
+from common.tasks import first_error
 from engine.backend import BackendError, InvalidGenerationRequest, PromptTooLongError
 from engine.model_prep import resolve_model_path
 from engine.types import Candidate, PrefillTokens, SamplingSettings
@@ -57,7 +58,7 @@ def engine_args_kwargs(config: AppConfig, model_path: str) -> dict[str, Any]:
     }
     if config.model.revision:
         kwargs["revision"] = config.model.revision
-    block_size = engine.kv_block_size or (CPU_KV_BLOCK_SIZE if _on_cpu() else None)
+    block_size = kv_block_size(engine.kv_block_size)
     if block_size:
         kwargs["block_size"] = block_size
     if engine.distributed_executor_backend:
@@ -67,7 +68,7 @@ def engine_args_kwargs(config: AppConfig, model_path: str) -> dict[str, Any]:
     if engine.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = engine.max_num_batched_tokens
     chunked = engine.enable_chunked_prefill
-    if chunked is None and _on_cpu():
+    if chunked is None and on_cpu():
         # vLLM's CPU worker cannot rewind a seeded request's random generator after a partial
         # prefill ("CPU Generator does not use offset"): the engine dies as soon as a seeded
         # request's prompt is split across steps under load. Whole prefills avoid it.
@@ -82,7 +83,13 @@ def engine_args_kwargs(config: AppConfig, model_path: str) -> dict[str, Any]:
     return kwargs
 
 
-def _on_cpu() -> bool:
+def kv_block_size(configured: int | None) -> int | None:
+    """The KV block size to ask vLLM for: the configured one, 32 on the CPU backend, or
+    None for vLLM's own default."""
+    return configured or (CPU_KV_BLOCK_SIZE if on_cpu() else None)
+
+
+def on_cpu() -> bool:
     try:
         from vllm.platforms import current_platform
     except ImportError:
@@ -146,6 +153,7 @@ class VLLMBackend:
         self._config = config
         self._engine: Any = None
         self._tokenizer: Any = None
+        self._label_ids: dict[str, int] = {}
         self.model_name = config.model.public_name
         self.max_model_len = config.engine.max_model_len
         self.model_path = ""
@@ -156,7 +164,7 @@ class VLLMBackend:
 
         self.model_path = await asyncio.to_thread(resolve_model_path, self._config.model)
         _apply_cpu_kv_cache(self._config)
-        os.environ.update(engine_environment(self._config, _on_cpu(), os.environ))
+        os.environ.update(engine_environment(self._config, on_cpu(), os.environ))
         args = build_engine_args(self._config, self.model_path)
         # In a worker thread: building the engine takes seconds to minutes, and the server's
         # event loop must keep answering /health (503) meanwhile.
@@ -286,7 +294,7 @@ class VLLMBackend:
             async with asyncio.TaskGroup() as group:
                 running = [group.create_task(t) for t in tasks]
         except BaseExceptionGroup as errors:
-            raise _first_error(errors) from None
+            raise first_error(errors) from None
         return [task.result() for task in running]
 
     async def generate_n_request(self, prompt_token_ids: Sequence[int], n: int,
@@ -396,10 +404,13 @@ class VLLMBackend:
                              prefill.computed, prefill.cached)
 
     def _label_token(self, label: str) -> int:
-        ids = self.tokenizer.encode(label, add_special_tokens=False)
-        if not ids:
-            raise ValueError(f"the label '{label}' encodes to no token")
-        return int(ids[0])
+        """The label's first token id, encoded once per label (every judge query asks)."""
+        if label not in self._label_ids:
+            ids = self.tokenizer.encode(label, add_special_tokens=False)
+            if not ids:
+                raise ValueError(f"the label '{label}' encodes to no token")
+            self._label_ids[label] = int(ids[0])
+        return self._label_ids[label]
 
 
 def prefill_tokens(prompt_len: int, cached: int | None) -> PrefillTokens:
@@ -428,11 +439,3 @@ def _without_client_stop(text: str, stop_reason: str | int | None,
 def _sample_seed(seed: int | None, index: int) -> int | None:
     # The seeds vLLM itself gives the samples of an n-request: seed + index.
     return None if seed is None else seed + index
-
-
-def _first_error(group: BaseExceptionGroup) -> BaseException:
-    leaves = list(group.exceptions)
-    while leaves and isinstance(leaves[0], BaseExceptionGroup):
-        leaves = list(leaves[0].exceptions) + leaves[1:]
-    real = [e for e in leaves if not isinstance(e, asyncio.CancelledError)]
-    return (real or leaves or [BackendError("generation failed")])[0]

@@ -16,7 +16,7 @@ from typing import Any
 
 from common.config import VLLMRewardConfig
 from engine.backend import BackendError
-from engine.vllm_backend import CPU_KV_BLOCK_SIZE, _on_cpu, prefill_tokens
+from engine.vllm_backend import kv_block_size, on_cpu, prefill_tokens
 from reward.vllm_reward import Classified
 
 logger = logging.getLogger(__name__)
@@ -37,10 +37,10 @@ def pooling_engine_kwargs(config: VLLMRewardConfig) -> dict[str, Any]:
     }
     if config.revision:
         kwargs["revision"] = config.revision
-    block_size = config.kv_block_size or (CPU_KV_BLOCK_SIZE if _on_cpu() else None)
+    block_size = kv_block_size(config.kv_block_size)
     if block_size:
         kwargs["block_size"] = block_size
-    if _on_cpu():
+    if on_cpu():
         kwargs["enable_chunked_prefill"] = False
         kwargs["max_num_batched_tokens"] = config.max_model_len
     kwargs.update(config.extra_args)
@@ -62,7 +62,7 @@ class PoolingEngine:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        if _on_cpu():
+        if on_cpu():
             # The CPU backend reads its KV cache size when an engine starts.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(self._config.kv_cache_gib)))
         args = AsyncEngineArgs(**pooling_engine_kwargs(self._config))

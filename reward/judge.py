@@ -69,9 +69,10 @@ class JudgeScorer:
         self._suffix: list[int] | None = None
 
     async def start(self) -> None:
-        # The first label query builds the engine's log-probability helper: pay it now,
-        # not inside a user's request.
-        await self.score(["Say hi."], ["Hi!"])
+        # Nothing to load: the engine is the generator's. The start-up self-test
+        # (engine/selftest.py) sends the first label query, which builds the engine's
+        # log-probability helper before any user request.
+        return None
 
     async def close(self) -> None:
         return None

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from common.config import AppConfig
 from common.prompts import Prompt
+from common.tasks import first_error
 from engine.resolve import SettingsError, resolve_params
 from engine.sbon import SBoNEngine
 from engine.seeds import choice_seed
@@ -289,7 +290,7 @@ class CompletionService:
             async with asyncio.TaskGroup() as group:
                 tasks = [group.create_task(self._run_choice(plan, c, p)) for c, p in plan.slots()]
         except BaseExceptionGroup as group_error:
-            raise _first(group_error) from None
+            raise first_error(group_error) from None
         return [t.result() for t in tasks]
 
     def observe(self, plan: Plan, result: SBoNResult, choice: int = 0) -> None:
@@ -399,21 +400,6 @@ def _prompts(request: AnyRequest) -> list[Prompt]:
     if isinstance(request, ChatCompletionRequest):
         return [request.prompt()]
     return list(request.prompts())
-
-
-def _first(group: BaseExceptionGroup) -> BaseException:
-    leaves: list[BaseException] = []
-
-    def walk(error: BaseException) -> None:
-        if isinstance(error, BaseExceptionGroup):
-            for inner in error.exceptions:
-                walk(inner)
-        else:
-            leaves.append(error)
-
-    walk(group)
-    real = [e for e in leaves if not isinstance(e, asyncio.CancelledError)]
-    return (real or leaves)[0]
 
 
 def _stream_error(exc: BaseException) -> str:

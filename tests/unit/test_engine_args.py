@@ -39,12 +39,29 @@ def test_chunked_prefill_is_off_on_the_cpu_and_configurable(monkeypatch) -> None
     import engine.vllm_backend as backend
 
     config = load_config(None, ["engine.max_model_len=4096"], environ={})
-    monkeypatch.setattr(backend, "_on_cpu", lambda: True)
+    monkeypatch.setattr(backend, "on_cpu", lambda: True)
     kwargs = engine_args_kwargs(config, "m")
     assert kwargs["enable_chunked_prefill"] is False
     assert kwargs["max_num_batched_tokens"] >= 4096  # every prompt fits one step
-    monkeypatch.setattr(backend, "_on_cpu", lambda: False)
+    monkeypatch.setattr(backend, "on_cpu", lambda: False)
     assert "enable_chunked_prefill" not in engine_args_kwargs(config, "m")  # vLLM decides
     forced = load_config(None, ["engine.enable_chunked_prefill=true"], environ={})
-    monkeypatch.setattr(backend, "_on_cpu", lambda: True)
+    monkeypatch.setattr(backend, "on_cpu", lambda: True)
     assert engine_args_kwargs(forced, "m")["enable_chunked_prefill"] is True
+
+
+def test_kv_blocks_are_32_tokens_on_the_cpu_and_configurable(monkeypatch) -> None:
+    import engine.vllm_backend as backend
+    from common.config import VLLMRewardConfig
+    from engine.vllm_pooling import pooling_engine_kwargs
+
+    config = load_config(None, [], environ={})
+    reward = VLLMRewardConfig(name="rm", type="vllm", model="m")
+    monkeypatch.setattr(backend, "on_cpu", lambda: True)
+    # Short shared prefixes are reusable only in whole blocks: 32 on the CPU backend.
+    assert engine_args_kwargs(config, "m")["block_size"] == 32
+    assert pooling_engine_kwargs(reward)["block_size"] == 32
+    monkeypatch.setattr(backend, "on_cpu", lambda: False)
+    assert "block_size" not in engine_args_kwargs(config, "m")  # vLLM's default on a GPU
+    sized = load_config(None, ["engine.kv_block_size=64"], environ={})
+    assert engine_args_kwargs(sized, "m")["block_size"] == 64

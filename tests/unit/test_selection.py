@@ -14,7 +14,6 @@ from engine.selection import (
     kl_bon_bound,
     kl_bon_estimate,
     kl_bon_estimate_from_logprob,
-    kl_budget_lambda,
     kl_from_uniform,
     normalize_rewards,
     sample_index,
@@ -92,15 +91,6 @@ def test_kl_estimator_matches_the_formula() -> None:
         (1 - q) / eps
     )
     assert kl_bon_estimate(n, eps) == pytest.approx(expected)
-
-
-def test_kl_budget_lambda_meets_the_budget() -> None:
-    n, width, budget = 8, 2.0, 0.5
-    lam = kl_budget_lambda(n, budget, width)
-    bound = math.log(n / (1 + (n - 1) * math.exp(-width / lam)))
-    assert bound == pytest.approx(budget)
-    assert kl_budget_lambda(n, math.log(n), width) == 0.0
-    assert kl_budget_lambda(n, 0.0, width) == math.inf
 
 
 def _frequencies(weights: list[float], draws: int, seed: int) -> list[int]:
