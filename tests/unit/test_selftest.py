@@ -113,7 +113,7 @@ class StartableBackend(FakeBackend):
 
 @pytest.fixture
 def off_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtime_module, "_on_cpu", lambda: False)
+    monkeypatch.setattr(runtime_module, "on_cpu", lambda: False)
 
 
 @pytest.fixture
@@ -195,7 +195,7 @@ def test_compile_without_a_compiler_is_refused(tmp_path: Path) -> None:
 async def test_start_refuses_compile_without_a_compiler_before_the_engine_starts(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
         backends: list[StartableBackend]) -> None:
-    monkeypatch.setattr(runtime_module, "_on_cpu", lambda: True)
+    monkeypatch.setattr(runtime_module, "on_cpu", lambda: True)
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("CXX", raising=False)
     config = load_config(None, ["engine.torch_compile=true"], environ={})
