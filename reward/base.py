@@ -78,6 +78,27 @@ class BlockScorer(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class RewardBounds:
+    """Bounds on the final reward of every completion of a partial response:
+    ``lower <= r(prompt, partial + any continuation) <= upper`` (docs/maths.md, pruning)."""
+
+    lower: float
+    upper: float
+
+
+@runtime_checkable
+class BoundedScorer(Protocol):
+    """A reward that can bound the final reward of any completion of a partial response
+    (rule rewards are often monotone: once a forbidden letter appears, the check fails)."""
+
+    async def bounds(
+        self, prompts: Sequence[Prompt], partial_responses: Sequence[str]
+    ) -> list[RewardBounds]:
+        """One :class:`RewardBounds` per (prompt, partial response), in order."""
+        ...
+
+
 async def score_block(scorer: RewardScorer, query: BlockQuery) -> Scores:
     """Score one block with ``scorer``: token-aware when it can be, by text otherwise."""
     if isinstance(scorer, BlockScorer):
