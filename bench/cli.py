@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.files import CHECKPOINT_NAME, EvalCheckpoint, atomic_path, run_key, write_atomic
+from bench.prune_cli import add_prune_eval_args, prune_eval_command
 from common.values import lambda_value
+
+PROMPTS_FILE_HELP = "JSONL prompts, or a shipped set: prompts (default), verifiable"
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -68,7 +71,7 @@ def add_measure_commands(
     bench.add_argument("--concurrency", type=_ints, default=(1, 2),
                        help="comma-separated levels: requests in flight at once")
     bench.add_argument("--prompts", type=int, default=4, help="prompts per method and level")
-    bench.add_argument("--prompts-file", help="JSONL prompts (default: the shipped set)")
+    bench.add_argument("--prompts-file", help=PROMPTS_FILE_HELP)
     bench.add_argument("--reward", help="a configured reward's name")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--no-naive", action="store_true", help="skip the naive design")
@@ -87,11 +90,12 @@ def add_measure_commands(
                           help="base samples per prompt (several times the largest n)")
     evaluate.add_argument("--draws", type=int, default=200, help="selections per prompt")
     evaluate.add_argument("--prompts", type=int, default=16)
-    evaluate.add_argument("--prompts-file", help="JSONL prompts (default: the shipped set)")
+    evaluate.add_argument("--prompts-file", help=PROMPTS_FILE_HELP)
     evaluate.add_argument("--max-tokens", type=int, default=48)
     evaluate.add_argument("--reward", help="a configured reward's name")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--out", default="sbon-eval", help="folder for JSON, Markdown, PNG")
+    add_prune_eval_args(evaluate)
     evaluate.set_defaults(handler=_eval)
 
     export = sub.add_parser(
@@ -178,6 +182,9 @@ async def _bench_http(url: str, prompts: Any, settings: Any, tick: Any) -> Any:
 
 
 def _eval(args: argparse.Namespace, load_app_config: Callable[..., Any]) -> int:
+    if args.prune_mode:
+        _quiet_engine()
+        return prune_eval_command(args, load_app_config)
     from bench.evaluate import EvalSettings, markdown_table
     from bench.plots import eval_chart
     from bench.promptset import load_prompts

@@ -15,13 +15,14 @@ extra), chosen by the file's extension or ``--as``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from common.values import json_number
 from engine.sbon import find_stop
@@ -193,13 +194,33 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-def write_jsonl(rows: list[dict[str, Any]], out: Path) -> None:
+@contextlib.contextmanager
+def private_output(out: Path) -> Iterator[BinaryIO]:
+    """A file to write ``out`` through: readable by its owner only (0600, as the log it
+    comes from), fsynced, then renamed over ``out`` and the rename made durable."""
     partial = out.with_name(out.name + ".partial")
-    with partial.open("w", encoding="utf-8") as handle:
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(descriptor, 0o600)  # an older partial file keeps its mode through O_TRUNC
+        with os.fdopen(descriptor, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    folder = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def write_jsonl(rows: list[dict[str, Any]], out: Path) -> None:
+    with private_output(out) as handle:
         for row in rows:
-            handle.write(json.dumps(_json_value(row), ensure_ascii=False, allow_nan=False))
-            handle.write("\n")
-    os.replace(partial, out)
+            line = json.dumps(_json_value(row), ensure_ascii=False, allow_nan=False)
+            handle.write(line.encode("utf-8") + b"\n")
 
 
 def arrow_schema(fmt: Format, kind: PromptKind) -> Any:
@@ -228,9 +249,8 @@ def write_parquet(rows: list[dict[str, Any]], out: Path, fmt: Format, kind: Prom
         raise ValueError("Parquet output needs pyarrow: pip install 'softbon-serve[data]', "
                          "or export to .jsonl") from None
     table = pa.Table.from_pylist(rows, schema=arrow_schema(fmt, kind))
-    partial = out.with_name(out.name + ".partial")
-    pq.write_table(table, partial)
-    os.replace(partial, out)
+    with private_output(out) as handle:
+        pq.write_table(table, handle)
 
 
 def export(log: str | os.PathLike[str], fmt: Format, out: str | os.PathLike[str],

@@ -2,6 +2,8 @@
 
 Each line is a JSON object with ``prompt`` (text, sent as one user message) or ``messages``
 (a chat conversation), and an optional ``id``; a line that is a bare JSON string is a prompt.
+Shipped sets are named: ``prompts`` (the default) and ``verifiable`` (instructions a program
+checks, for the rewards of reward/verifiers.py; each line also lists its ``constraints``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from common.prompts import Message, Prompt
 
 SHIPPED = "prompts.jsonl"
+SHIPPED_SETS = {"prompts": SHIPPED, "verifiable": "verifiable.jsonl"}
 
 
 @dataclass(frozen=True)
@@ -45,9 +48,11 @@ def _item(line: object, number: int) -> PromptItem:
 
 
 def load_prompts(path: str | Path | None = None, limit: int | None = None) -> list[PromptItem]:
-    """The prompts of ``path`` (the shipped set when None), at most ``limit`` of them."""
-    if path is None:
-        text = resources.files("bench").joinpath("data", SHIPPED).read_text(encoding="utf-8")
+    """The prompts of ``path`` (a file, or a shipped set's name; the default set when None),
+    at most ``limit`` of them."""
+    if path is None or str(path) in SHIPPED_SETS:
+        name = SHIPPED_SETS[str(path)] if path is not None else SHIPPED
+        text = resources.files("bench").joinpath("data", name).read_text(encoding="utf-8")
     else:
         text = Path(path).expanduser().read_text(encoding="utf-8")
     items = []

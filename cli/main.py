@@ -42,6 +42,7 @@ def load_app_config(args: argparse.Namespace, extra: list[str] | None = None) ->
 
 def build_parser() -> argparse.ArgumentParser:
     from bench.cli import add_measure_commands, lambda_arg
+    from cli.serve_ray import add_serve_ray_command
 
     parser = argparse.ArgumentParser(prog="sbon", description="Soft best-of-n decoding on vLLM.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--reward", help="a configured reward's name")
     gen.add_argument("--normalize", choices=["raw", "zscore"])
+    gen.add_argument("--prune-mode", choices=["rank", "bound", "off"],
+                     help="stop candidates early (per-response mode): rank keeps the best "
+                          "fraction by partial reward, bound prunes what reward bounds prove "
+                          "negligible; off overrides a configured default")
+    gen.add_argument("--prune-every", type=int, help="tokens between checkpoints (16)")
+    gen.add_argument("--prune-keep", type=float, help="rank: fraction kept per checkpoint")
+    gen.add_argument("--prune-epsilon", type=float,
+                     help="bound: selection probability pruning may move in total")
+    gen.add_argument("--prune-min-keep", type=int, help="never fewer candidates than this")
+    gen.add_argument("--particles", action="store_true", default=None,
+                     help="blockwise: keep n weighted particles, resampled when the ESS is low")
+    gen.add_argument("--ess-threshold", type=float,
+                     help="particles: resample when ESS < this x n, in (0, 1] (0.5)")
     gen.add_argument("--raw-prompt", action="store_true",
                      help="send the prompt as plain text instead of a chat message")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
@@ -78,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(prep)
 
     add_measure_commands(sub, _add_config_args)
+    add_serve_ray_command(sub, _add_config_args)
     return parser
 
 
@@ -152,18 +167,37 @@ async def _generate_async(config: Any, args: argparse.Namespace) -> Any:
         block_size_given=args.block_size is not None,
         normalize=Normalization(args.normalize) if args.normalize else None,
         reward=args.reward, kl_budget=args.kl_budget,
-        block_delimiter=_unescape(args.block_delimiter)))
+        block_delimiter=_unescape(args.block_delimiter),
+        prune=_prune_settings(args), prune_given=args.prune_mode is not None,
+        particles=args.particles, ess_threshold=args.ess_threshold))
     sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p,
                                 max_tokens=args.max_tokens, seed=args.seed)
     prompt: Any = args.prompt if args.raw_prompt else (Message("user", args.prompt),)
     runtime = await start_runtime(config)
     try:
         runtime.sbon.scorer_for(params.reward)
+        runtime.sbon.check_prune(params)
         return await runtime.sbon.run(prompt, params, sampling, f"cli-{uuid.uuid4().hex}")
     except KeyError as exc:
         raise ValueError(f"unknown reward {exc}; configured: {sorted(runtime.scorers)}") from exc
     finally:
         await runtime.close()
+
+
+def _prune_settings(args: argparse.Namespace) -> Any:
+    """The ``--prune-*`` flags as validated settings (None: off or not asked for)."""
+    from common.prune import PruneSettings
+
+    if args.prune_mode in (None, "off"):
+        given = [f for f in ("prune_every", "prune_keep", "prune_epsilon", "prune_min_keep")
+                 if getattr(args, f) is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} needs --prune-mode rank or bound")
+        return None
+    values = {"every": args.prune_every, "keep": args.prune_keep,
+              "epsilon": args.prune_epsilon, "min_keep": args.prune_min_keep}
+    return PruneSettings(mode=args.prune_mode,
+                         **{k: v for k, v in values.items() if v is not None})
 
 
 def _unescape(text: str | None) -> str | None:

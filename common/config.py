@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from common.overrides import field_type, typed_value
+from common.prune import PruneSettings
 from common.values import parse_lambda
 
 logger = logging.getLogger(__name__)
@@ -42,9 +44,31 @@ class _RewardBase(BaseModel):
     # One scoring call (all candidates of a block) taking longer fails the request with a
     # 503 naming the reward (reward/guard.py); the reward's state turns to "failing".
     timeout_s: float = Field(default=120.0, gt=0.0)
+    # The start-up self-test scores a fixed test prompt with every reward; a verifier that
+    # only knows its own prompts sets this false (its model still loads at start).
+    selftest: bool = True
 
 
-class HFRewardConfig(_RewardBase):
+class ModelRewardConfig(_RewardBase):
+    """Fields of every reward that is a model: where it comes from and how it is loaded."""
+
+    model: str = Field(min_length=1)  # a hub id or a folder
+    revision: str | None = None  # a pinned commit of a hub model
+    dtype: Literal["float32", "float16", "bfloat16", "auto"] = "float32"
+    trust_remote_code: bool = False
+
+
+class LocalModelRewardConfig(ModelRewardConfig):
+    """A reward model run with transformers in the serving process, on one scoring thread
+    that batches concurrent requests (reward/batching.py)."""
+
+    device: str = "cpu"
+    max_batch_tokens: int = Field(default=8192, ge=64)
+    max_length: int = Field(default=2048, ge=16)  # longer inputs lose their oldest tokens
+    batch_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
+
+
+class HFRewardConfig(LocalModelRewardConfig):
     """A Hugging Face sequence-classification reward model, run with transformers.
 
     The reward is the raw logit of one output (``label`` picks it when the head has
@@ -52,20 +76,12 @@ class HFRewardConfig(_RewardBase):
     """
 
     type: Literal["hf"]
-    model: str = Field(min_length=1)  # a hub id or a folder
-    revision: str | None = None  # a pinned commit of a hub model
     label: int | str | None = None
-    device: str = "cpu"
-    dtype: Literal["float32", "float16", "bfloat16", "auto"] = "float32"
-    max_batch_tokens: int = Field(default=8192, ge=64)
-    max_length: int = Field(default=2048, ge=16)
-    batch_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
     use_chat_template: bool = True
     share_prompt_kv: bool = True  # compute a prompt's KV once for its n responses (causal models)
-    trust_remote_code: bool = False
 
 
-class PRMRewardConfig(_RewardBase):
+class PRMRewardConfig(LocalModelRewardConfig):
     """A process reward model, run with transformers: scores the newest step of a response.
 
     The response is split into steps at ``step_delimiter``; the model reads the question and
@@ -80,8 +96,6 @@ class PRMRewardConfig(_RewardBase):
     """
 
     type: Literal["prm"]
-    model: str = Field(min_length=1)  # a hub id or a folder
-    revision: str | None = None
     format: Literal["step_tag", "chat", "token_classification"] = "step_tag"
     step_delimiter: str = Field(default="\n\n", min_length=1)
     step_tag: str = Field(default="\u043a\u0438", min_length=1)  # math-shepherd's tag
@@ -89,16 +103,10 @@ class PRMRewardConfig(_RewardBase):
     bad_token: str = Field(default="-", min_length=1)
     separator: str = Field(default="<extra_0>", min_length=1)  # token_classification
     aggregation: Literal["last", "min", "prod"] = "last"
-    device: str = "cpu"
-    dtype: Literal["float32", "float16", "bfloat16", "auto"] = "float32"
-    max_batch_tokens: int = Field(default=8192, ge=64)
-    max_length: int = Field(default=2048, ge=16)  # longer inputs lose their oldest tokens
-    batch_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
     share_prefix_kv: bool = True  # compute the question and earlier steps once per block
-    trust_remote_code: bool = False
 
 
-class VLLMRewardConfig(_RewardBase):
+class VLLMRewardConfig(ModelRewardConfig):
     """A Hugging Face sequence-classification reward model served by a second, co-located
     vLLM engine in pooling mode (continuous batching, prefix caching, CUDA graphs on a GPU).
 
@@ -107,10 +115,7 @@ class VLLMRewardConfig(_RewardBase):
     """
 
     type: Literal["vllm"]
-    model: str = Field(min_length=1)  # a hub id or a folder
-    revision: str | None = None
     label: int | str | None = None
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
     max_model_len: int = Field(default=2048, ge=16)
     # GPU: this engine's share of GPU memory (weights + its KV cache); the generator's
     # engine.memory_fraction plus this must stay below 1. CPU: the KV cache in GiB.
@@ -119,7 +124,6 @@ class VLLMRewardConfig(_RewardBase):
     kv_block_size: int | None = Field(default=None, ge=1)  # None: as for the generator
     enforce_eager: bool = True
     use_chat_template: bool = True
-    trust_remote_code: bool = False
     extra_args: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -141,6 +145,13 @@ class PythonRewardConfig(_RewardBase):
 
     type: Literal["python"]
     function: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    # Optional companion ``module:function`` taking (prompt, partial response) and returning
+    # (lower, upper) bounds on the final reward of any completion (docs/rewards.md).
+    bounds: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    # Where the function runs: "threads" (a small thread pool in the server: cheap, but a
+    # call that never returns holds its thread for good) or "process" (worker processes:
+    # pairs cross a pipe, and a call past timeout_s has its worker killed and replaced).
+    isolation: Literal["threads", "process"] = "threads"
 
 
 RewardConfig = Annotated[
@@ -212,6 +223,14 @@ class SBoNDefaults(BaseModel):
     # ``lambda`` is used only by requests that give it.
     kl_budget: float | None = Field(default=None, ge=0.0)
     block_delimiter: str | None = Field(default=None, min_length=1, max_length=64)
+    # Early pruning of per-response requests (common/prune.py); None = off. Blockwise
+    # requests never take this default.
+    prune: PruneSettings | None = None
+    # Particles in blockwise mode (engine/particles.py): weights exp(increment / lambda) on
+    # raw rewards, resampled when ESS < ess_threshold x n. Per-response requests never take
+    # this default.
+    particles: bool = False
+    ess_threshold: float = Field(default=0.5, gt=0.0, le=1.0)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -219,6 +238,14 @@ class SBoNDefaults(BaseModel):
     @classmethod
     def _parse_lambda(cls, value: Any) -> Any:
         return parse_lambda(value)
+
+    @model_validator(mode="after")
+    def _particles_need_raw_lambda(self) -> SBoNDefaults:
+        if self.particles and self.kl_budget is not None:
+            raise ValueError("sbon.particles weight by lambda; it excludes sbon.kl_budget")
+        if self.particles and self.normalize is not Normalization.RAW:
+            raise ValueError("sbon.particles need raw rewards (sbon.normalize: raw)")
+        return self
 
 
 class Limits(BaseModel):
@@ -276,14 +303,23 @@ class ServerConfig(BaseModel):
     log_json: bool = True
     # When set, /v1/*, /metrics and the OpenAPI pages need "Authorization: Bearer <api_key>"
     # (/health stays open for probes). Give it through the environment
-    # (SBON_SERVER__API_KEY) rather than a file; it is never logged. An empty key is an error.
+    # (SBON_SERVER__API_KEY) or a file (api_key_file), not in config.yaml; it is taken as
+    # the text given and never logged. An empty key is an error; one under 16 characters
+    # is warned about.
     api_key: SecretStr | None = None
+    # A file holding the key (a mounted secret): read as text, one trailing newline
+    # dropped. Missing, unreadable or empty is an error; excludes api_key.
+    api_key_file: str | None = Field(default=None, min_length=1)
     # On SIGTERM: stop accepting, let in-flight requests finish for up to drain_s seconds,
     # then end the rest with a 503 error (an error frame for streams). Container grace
     # periods must be longer (docker/compose.yaml, docker/k8s).
     drain_s: float = Field(default=30.0, ge=0.0)
-    # How often the engine's health is checked; a dead engine makes the process exit.
-    engine_check_s: float = Field(default=1.0, gt=0.0)
+    # How often the engine's and the rewards' health is checked; a dead generation engine,
+    # or a reward whose engine or worker died, makes the process exit 1.
+    engine_check_s: float = Field(default=1.0, gt=0.0, le=3600.0)
+    # This many consecutive failures of the default reward make /health answer 503 (so a
+    # probe can restart the server); 0 turns the rule off. A dead reward engine always does.
+    reward_dead_after_failures: int = Field(default=0, ge=0, le=1_000_000)
 
     @field_validator("api_key")
     @classmethod
@@ -293,10 +329,35 @@ class ServerConfig(BaseModel):
                              "to serve without authentication")
         return value
 
+    @model_validator(mode="after")
+    def _key_from_file(self) -> ServerConfig:
+        if self.api_key_file is None:
+            return self
+        if self.api_key is not None:
+            raise ValueError("server.api_key and server.api_key_file are both set; give one")
+        self.api_key = SecretStr(read_key_file(self.api_key_file))
+        return self
+
     @property
     def loopback(self) -> bool:
         """Whether the listener is reachable from this machine only."""
         return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")
+
+
+def read_key_file(path: str) -> str:
+    """The key in ``path``: its text without the trailing line break editors add."""
+    file_path = Path(path).expanduser()
+    try:
+        text = file_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"server.api_key_file: no such file: {file_path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"server.api_key_file: cannot read {file_path}: "
+                         f"{type(exc).__name__}") from None
+    key = text.removesuffix("\n").removesuffix("\r")
+    if not key.strip():
+        raise ValueError(f"server.api_key_file: {file_path} is empty")
+    return key
 
 
 class DatalogConfig(BaseModel):
@@ -352,20 +413,6 @@ class AppConfig(BaseModel):
         return next((r for r in self.rewards if r.name == name), None)
 
 
-def _parse_scalar(text: str) -> Any:
-    """Read an override value with YAML's scalar rules (numbers, booleans, null, lists).
-
-    An empty value stays an empty string (YAML would read null): ``SBON_SERVER__API_KEY=``
-    must not silently mean "no key"; the schema then refuses it where it is not allowed.
-    """
-    if not text.strip():
-        return text
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
     """Set ``value`` at ``path``; a numeric key indexes a list (``rewards.0.model``)."""
     node: Any = tree
@@ -400,26 +447,30 @@ def _list_index(key: str, items: list[Any], path: list[str]) -> int:
     return index
 
 
-def env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any]]:
-    """``SBON_A__B=v`` becomes ([a, b], v)."""
+Override = tuple[list[str], str, str]
+"""(path, the value's text, where it came from: an environment variable or ``--set``)."""
+
+
+def env_overrides(environ: Mapping[str, str]) -> list[Override]:
+    """``SBON_A__B=v`` becomes ([a, b], "v", "SBON_A__B"); the text is typed later."""
     found = []
     for key, raw in environ.items():
         if (key.startswith(ENV_PREFIX) and "__" in key[len(ENV_PREFIX) :]) or (
             key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() == "default_reward"
         ):
             path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
-            found.append((path, _parse_scalar(raw)))
+            found.append((path, raw, key))
     return found
 
 
-def cli_overrides(items: Iterable[str]) -> list[tuple[list[str], Any]]:
-    """``a.b=v`` strings (from ``--set``) become ([a, b], v)."""
+def cli_overrides(items: Iterable[str]) -> list[Override]:
+    """``a.b=v`` strings (from ``--set``) become ([a, b], "v", "--set a.b")."""
     found = []
     for item in items:
         if "=" not in item:
             raise ValueError(f"override '{item}' is not of the form key.path=value")
         key, raw = item.split("=", 1)
-        found.append(([p.strip() for p in key.split(".")], _parse_scalar(raw)))
+        found.append(([p.strip() for p in key.split(".")], raw, f"--set {key.strip()}"))
     return found
 
 
@@ -441,20 +492,73 @@ def load_config(
     env = os.environ if environ is None else environ
     changes = env_overrides(env) + cli_overrides(overrides)
     defaults: dict[str, Any] | None = None
-    for key_path, value in changes:
+    for key_path, text, source in changes:
         if len(key_path) > 1 and key_path[1].isdigit() and key_path[0] not in tree:
             # An index into a list the file does not set: start from the default list.
             defaults = defaults or AppConfig().model_dump(mode="json", by_alias=True)
             tree[key_path[0]] = defaults.get(key_path[0], [])
+        # By the field's declared type: a string (a key, a name) is the text as given.
+        value = typed_value(field_type(AppConfig, tree, key_path), text, source)
         _set_path(tree, key_path, value)
     return AppConfig.model_validate(tree)
 
 
+MIN_KEY_CHARS = 16  # shorter API keys can be guessed: warned about at start
+
+
+def config_warnings(config: AppConfig) -> list[str]:
+    """Settings that work but are probably not what was meant, for the start-up log."""
+    warnings: list[str] = []
+    key = config.server.api_key
+    if key is not None and len(key.get_secret_value()) < MIN_KEY_CHARS:
+        warnings.append(f"server.api_key is shorter than {MIN_KEY_CHARS} characters; "
+                        "a long random key is much harder to guess")
+    unpinned = [("model", config.model.trust_remote_code, config.model.revision)] + [
+        (f"rewards '{r.name}'", getattr(r, "trust_remote_code", False),
+         getattr(r, "revision", None)) for r in config.rewards]
+    for where, trusted, revision in unpinned:
+        if trusted and revision is None:
+            warnings.append(f"{where}: trust_remote_code runs the model repository's code; "
+                            "pin 'revision' to a commit so that code cannot change under you")
+    context = config.engine.max_model_len
+    for reward in config.rewards:
+        length = _reward_length(reward)
+        if length is not None and length < context:
+            warnings.append(
+                f"reward '{reward.name}' reads at most {length} tokens but engine.max_model_len "
+                f"is {context}: long conversations lose their oldest prompt tokens for the "
+                "reward, and a response longer than that is refused")
+    return warnings
+
+
+def _reward_length(reward: RewardConfig) -> int | None:
+    if isinstance(reward, VLLMRewardConfig):
+        return reward.max_model_len
+    if isinstance(reward, HFRewardConfig | PRMRewardConfig):
+        return reward.max_length
+    return None
+
+
 def non_default_values(config: AppConfig) -> dict[str, Any]:
-    """The settings that differ from the built-in defaults, for the start-up log."""
+    """The settings that differ from the built-in defaults, for the start-up log.
+
+    ``extra_args`` are passed to vLLM as given and may hold a token: only their keys are
+    shown.
+    """
     defaults = AppConfig().model_dump(mode="json")
     current = config.model_dump(mode="json")
-    return _diff(defaults, current, "")
+    return _diff(_redact(defaults), _redact(current), "")
+
+
+def _redact(values: Any) -> Any:
+    """``values`` with every ``extra_args`` value replaced by a placeholder."""
+    if isinstance(values, list):
+        return [_redact(v) for v in values]
+    if not isinstance(values, dict):
+        return values
+    return {key: {k: "<not logged>" for k in value}
+            if key == "extra_args" and isinstance(value, dict) else _redact(value)
+            for key, value in values.items()}
 
 
 def _diff(default: Any, current: Any, prefix: str) -> dict[str, Any]:

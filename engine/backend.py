@@ -21,9 +21,18 @@ class BackendError(RuntimeError):
 class InvalidGenerationRequest(ValueError):
     """The engine refused the request's parameters."""
 
+    param: str | None = None  # the request field at fault, when one is
+
 
 class PromptTooLongError(InvalidGenerationRequest):
     """The prompt plus the requested tokens do not fit the model's context."""
+
+
+class PromptFormatError(InvalidGenerationRequest):
+    """The model's chat template refused the conversation (some templates require roles
+    to alternate, or a user turn first)."""
+
+    param = "messages"
 
 
 class GenerationBackend(Protocol):
@@ -31,6 +40,17 @@ class GenerationBackend(Protocol):
 
     model_name: str
     max_model_len: int
+
+    @property
+    def ready(self) -> bool:
+        """True once started and while the engine runs; False before start and once it died."""
+        ...
+
+    @property
+    def dead_error(self) -> BaseException | None:
+        """Why a started engine stopped (vLLM's ``EngineClient.dead_error``); None while it
+        runs or before it started."""
+        ...
 
     async def generate(
         self,

@@ -2,7 +2,7 @@
 
 One rule for values that are not finite numbers: NaN and +inf are a reward failure (a 503
 naming the reward), and so is -inf, unless the scorer declares
-``never_choose_negative_infinity = True`` (the ``python`` reward does, see
+``never_choose_negative_infinity`` True (reward/base.py) (the ``python`` reward does, see
 :mod:`reward.python_fn`): then -inf means "never choose this candidate", it gets selection
 weight 0 (:func:`engine.selection.selection_weights`) and is rendered as ``"-inf"``. A block
 whose candidates are all refused that way is a failure too. A scoring call that outlives
@@ -23,11 +23,18 @@ from typing import Any, Literal, TypeVar
 
 from common.prompts import Prompt
 from engine.backend import BackendError
-from reward.base import BlockQuery, RewardError, RewardScorer, Scores, score_block
+from reward.base import (
+    BlockQuery,
+    BoundedScorer,
+    RewardBounds,
+    RewardError,
+    RewardScorer,
+    Scores,
+    score_block,
+)
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = 120.0  # for scorers that do not say (the configured default too)
 
 FailureKind = Literal["timeout", "invalid", "error"]
 T = TypeVar("T")
@@ -58,11 +65,8 @@ class RewardHealth:
     last_failure: FailureKind | None = None
     last_failure_at: float | None = None  # time.time()
 
-    def as_dict(self, loaded: bool) -> dict[str, Any]:
-        if not loaded:
-            state = "unavailable"
-        else:
-            state = "ok" if self.consecutive_failures == 0 else "failing"
+    def as_dict(self, healthy: bool) -> dict[str, Any]:
+        state = "dead" if not healthy else "ok" if self.consecutive_failures == 0 else "failing"
         return {"state": state, "calls": self.calls, "failures": self.failures,
                 "consecutive_failures": self.consecutive_failures, "in_flight": self.in_flight,
                 "last_failure": self.last_failure, "last_failure_at": self.last_failure_at}
@@ -74,9 +78,8 @@ class GuardedScorer:
     def __init__(self, inner: RewardScorer, timeout_s: float | None = None) -> None:
         self.inner = inner
         self.name = inner.name
-        configured = timeout_s if timeout_s is not None else getattr(inner, "timeout_s", None)
-        self.timeout_s = float(configured) if configured is not None else DEFAULT_TIMEOUT_S
-        self.never_choose = bool(getattr(inner, "never_choose_negative_infinity", False))
+        self.timeout_s = float(timeout_s if timeout_s is not None else inner.timeout_s)
+        self.never_choose_negative_infinity = inner.never_choose_negative_infinity
         self.health = RewardHealth()
 
     async def start(self) -> None:
@@ -86,12 +89,12 @@ class GuardedScorer:
         await self.inner.close()
 
     @property
-    def loaded(self) -> bool:
-        """False when the scorer says it cannot serve (a worker that died, not loaded)."""
-        return bool(getattr(self.inner, "healthy", True))
+    def healthy(self) -> bool:
+        """False when the scorer says it cannot serve (an engine or worker that died)."""
+        return self.inner.healthy
 
     def status(self) -> dict[str, Any]:
-        return self.health.as_dict(self.loaded)
+        return self.health.as_dict(self.healthy)
 
     async def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         values = await self._call(self.inner.score(prompts, responses))
@@ -101,6 +104,34 @@ class GuardedScorer:
         scores = await self._call(score_block(self.inner, query))
         rewards = self.check(scores.rewards, len(query.block_texts))
         return dataclasses.replace(scores, rewards=rewards)
+
+    async def score_some(self, query: BlockQuery) -> Scores:
+        """:meth:`score_block` for part of a selection (or partial responses), where every
+        value may be -inf; the caller checks the whole selection."""
+        scores = await self._call(score_block(self.inner, query))
+        rewards = self.check(scores.rewards, len(query.block_texts), some_choosable=False)
+        return dataclasses.replace(scores, rewards=rewards)
+
+    @property
+    def has_bounds(self) -> bool:
+        """Whether the reward bounds final rewards of partial responses (``bound`` pruning)."""
+        return isinstance(self.inner, BoundedScorer)
+
+    async def reward_bounds(self, prompts: Sequence[Prompt],
+                            partial_responses: Sequence[str]) -> list[RewardBounds]:
+        """The reward's bounds under the same deadline and health record as its scores.
+
+        Not named ``bounds``: the guard itself must not pass for a :class:`BoundedScorer`.
+        """
+        inner = self.inner
+        if not isinstance(inner, BoundedScorer):
+            raise TypeError(f"reward '{self.name}' declares no bounds")
+        values = await self._call(inner.bounds(prompts, partial_responses))
+        if len(values) != len(partial_responses) or any(
+                math.isnan(b.lower) or math.isnan(b.upper) or b.lower > b.upper
+                for b in values):
+            raise self._failed("invalid", "bounds that are not (lower <= upper) pairs")
+        return list(values)
 
     async def _call(self, work: Awaitable[T]) -> T:
         health = self.health
@@ -124,8 +155,13 @@ class GuardedScorer:
             health.in_flight -= 1
         return result
 
-    def check(self, values: Sequence[Any], expected: int) -> list[float]:
-        """The rewards as floats, or a failure when one is not allowed (module docstring)."""
+    def check(self, values: Sequence[Any], expected: int, *,
+              some_choosable: bool = True) -> list[float]:
+        """The rewards as floats, or a failure when one is not allowed (module docstring).
+
+        ``some_choosable=False`` accepts -inf for every value: partial responses scored at a
+        pruning checkpoint, or part of a selection's candidates (engine/pruned.py).
+        """
         if len(values) != expected:
             raise self._failed("invalid", f"{len(values)} values for {expected} responses")
         out: list[float] = []
@@ -135,10 +171,10 @@ class GuardedScorer:
             except (TypeError, ValueError):
                 raise self._failed("invalid", "a value that is not a number") from None
             if math.isnan(number) or number == math.inf or (
-                    number == -math.inf and not self.never_choose):
+                    number == -math.inf and not self.never_choose_negative_infinity):
                 raise self._failed("invalid", f"the non-finite value {number}")
             out.append(number)
-        if out and all(v == -math.inf for v in out):
+        if some_choosable and out and all(v == -math.inf for v in out):
             raise self._failed("invalid", "-inf (never choose) for every candidate")
         self.health.consecutive_failures = 0
         return out

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from common.config import Normalization, SBoNDefaults
+from common.prune import PruneSettings
 from engine.types import SBoNParams
 
 
@@ -29,6 +30,10 @@ class SBoNOverrides:
     reward: str | None = None
     kl_budget: float | None = None
     block_delimiter: str | None = None
+    prune: PruneSettings | None = None
+    prune_given: bool = False  # like block_size: None given means "no pruning"
+    particles: bool | None = None
+    ess_threshold: float | None = None
 
 
 class SettingsError(ValueError):
@@ -71,13 +76,67 @@ def resolve_params(defaults: SBoNDefaults, options: SBoNOverrides | None) -> SBo
     if delimiter is not None and block is None:
         raise SettingsError("block_delimiter needs a block_size (the longest step in tokens)",
                             "block_delimiter")
+    normalize = options.normalize or defaults.normalize
+    prune = _prune(defaults, options, block, kl_budget, normalize)
     return SBoNParams(
         n=n,
         lam=options.lam if options.lam is not None else defaults.lam,
         block_size=block,
-        normalize=options.normalize or defaults.normalize,
+        normalize=normalize,
         reward=options.reward,
         score=n > 1,
         kl_budget=kl_budget,
         block_delimiter=delimiter,
+        prune=prune if n > 1 else None,  # one candidate: nothing to prune
+        particles=_particles(defaults, options, block, kl_budget, normalize),
+        ess_threshold=options.ess_threshold or defaults.ess_threshold,
     )
+
+
+def _particles(defaults: SBoNDefaults, options: SBoNOverrides, block: int | None,
+               kl_budget: float | None, normalize: Normalization) -> bool:
+    """Whether particles run (docs/maths.md, "Particles"). The configured default applies to
+    blockwise requests only; a request asking for particles without a block size is refused.
+    The weights exp(increment / lambda) telescope to exp(r / lambda) only for one fixed
+    lambda on raw rewards, so a KL budget (lambda solved per selection) and per-block
+    z-scores are refused with them."""
+    if options.particles and block is None:
+        raise SettingsError("particles work in blockwise mode only (give a block_size)",
+                            "particles")
+    particles = options.particles if options.particles is not None else (
+        defaults.particles and block is not None)
+    if options.ess_threshold is not None and not particles:
+        raise SettingsError("ess_threshold applies to particles only", "ess_threshold")
+    if particles and kl_budget is not None:
+        raise SettingsError("particles weight by exp(r / lambda): give a lambda, not a "
+                            "kl_budget", "kl_budget")
+    if particles and normalize is not Normalization.RAW:
+        raise SettingsError("particles need raw rewards (normalize: raw)", "normalize")
+    if options.ess_threshold is not None and not 0.0 < options.ess_threshold <= 1.0:
+        raise SettingsError("ess_threshold must be in (0, 1]", "ess_threshold")
+    return particles
+
+
+def _prune(defaults: SBoNDefaults, options: SBoNOverrides, block: int | None,
+           kl_budget: float | None, normalize: Normalization) -> PruneSettings | None:
+    """The pruning in force. The configured default applies to per-response requests only;
+    a request that asks for pruning in blockwise mode is refused. ``bound`` needs raw rewards
+    and a fixed lambda: its bounds are on raw rewards, and a lambda solved from the
+    survivors' rewards (a KL budget) would void the distortion guarantee. A configured
+    ``bound`` default that a request's settings exclude is refused too (``"prune": null``
+    opts out)."""
+    if not options.prune_given and block is not None:
+        return None
+    prune = options.prune if options.prune_given else defaults.prune
+    if prune is None:
+        return None
+    if block is not None:
+        raise SettingsError("pruning works in per-response mode only (block_size null)",
+                            "prune")
+    if prune.mode == "bound" and kl_budget is not None:
+        raise SettingsError("prune mode 'bound' needs a fixed lambda, not a kl_budget",
+                            "prune.mode")
+    if prune.mode == "bound" and normalize is not Normalization.RAW:
+        raise SettingsError("prune mode 'bound' needs raw rewards (normalize 'raw')",
+                            "prune.mode")
+    return prune

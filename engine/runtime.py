@@ -64,7 +64,8 @@ async def start_runtime(config: AppConfig) -> Runtime:
     runtime = Runtime(config, backend, scorers,
                       SBoNEngine(backend, scorers, config.default_reward))
     try:
-        await run_selftest(backend, scorers)
+        await run_selftest(backend, scorers,
+                           skip=[r.name for r in config.rewards if not r.selftest])
     except BaseException:
         await runtime.close()
         raise

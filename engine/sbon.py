@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 from common.prompts import Prompt
 from engine.backend import GenerationBackend
 from engine.guarded import guard
+from engine.pruned import PrunableBackend, check_prune, pruned_step, prunes
+from engine.resolve import SettingsError
 from engine.seeds import block_seed
 from engine.selection import (
     kl_bon_bound,
@@ -29,6 +31,7 @@ from engine.types import (
     Candidate,
     Diagnostics,
     PrefillTokens,
+    PruneReport,
     SamplingSettings,
     SBoNParams,
     SBoNResult,
@@ -61,6 +64,7 @@ class _Request:
     tokens_scored: int = 0
     finish_reason: str | None = None
     blocks: list[BlockRecord] = field(default_factory=list)
+    pruning: PruneReport | None = None
 
     @property
     def block_index(self) -> int:
@@ -151,6 +155,16 @@ class SBoNEngine:
             raise UnknownRewardError(key)
         return key, self.scorers[key]
 
+    def check_prune(self, params: SBoNParams) -> None:
+        """Refuse pruning the chosen reward or this engine cannot do (:class:`SettingsError`
+        naming the setting), before any work."""
+        if params.prune is None:
+            return
+        key, _ = self.scorer_for(params.reward)
+        check_prune(params, self.scorers[key])
+        if prunes(params) and not isinstance(self.backend, PrunableBackend):
+            raise SettingsError("this engine cannot stop single candidates", "prune")
+
     async def run(self, prompt: Prompt, params: SBoNParams, sampling: SamplingSettings,
                   request_id: str, prompt_ids: Sequence[int] | None = None) -> SBoNResult:
         """Run a request to the end and return its result."""
@@ -176,6 +190,15 @@ class SBoNEngine:
         reward_name, scorer = self.scorer_for(params.reward)
         ids = list(prompt_ids) if prompt_ids is not None else self.backend.encode_prompt(prompt)
         rng = random.Random(sampling.seed) if sampling.seed is not None else random.Random()
+        if params.particles and params.blockwise:
+            # Imported here: engine/particles.py reuses this module's stop rules.
+            from engine.particles import ParticleFilter, ParticleRequest
+
+            particles = ParticleFilter(self.backend, ParticleRequest(
+                prompt, params, sampling, request_id, reward_name, scorer, rng, ids))
+            async for event in particles.stream():
+                yield event
+            return
         request = _Request(prompt, params, sampling, request_id, reward_name, scorer, rng, ids)
         plain = token_stream and params.n == 1 and not params.score and not params.blockwise
         while request.finish_reason is None:
@@ -193,6 +216,9 @@ class SBoNEngine:
     async def _step(self, request: _Request) -> AsyncIterator[BlockRecord]:
         """One block: n candidates from the prefix, scored and one of them drawn."""
         sampling, params = request.sampling, request.params
+        if prunes(params):
+            yield await self._pruned_step(request)
+            return
         remaining = sampling.max_tokens - len(request.response_ids)
         size = min(params.block_size or remaining, remaining)
         if params.block_delimiter:
@@ -202,6 +228,19 @@ class SBoNEngine:
             request.prompt_ids + request.response_ids, params.n, sampling, size,
             request.engine_request_id(), block_seed(sampling.seed, request.block_index))
         yield await self._select(request, candidates, started)
+
+    async def _pruned_step(self, request: _Request) -> BlockRecord:
+        """The single selection of a per-response request with early pruning."""
+        if not isinstance(self.backend, PrunableBackend):
+            raise SettingsError("this engine cannot stop single candidates", "prune")
+        step = await pruned_step(
+            self.backend, self.scorers[request.reward_name], request.prompt,
+            request.prompt_ids, request.params, request.sampling, request.engine_request_id(),
+            request.rng)
+        request.pruning = step.report
+        request.tokens_scored += step.tokens_scored
+        request.tokens_generated += sum(len(c.token_ids) for c in step.record.candidates)
+        return step.record
 
     async def _plain_step(self, request: _Request) -> AsyncIterator[TextEvent | BlockRecord]:
         """The single block of plain decoding, streamed token by token."""
@@ -226,6 +265,7 @@ class SBoNEngine:
         params = request.params
         generated = time.perf_counter()
         scoring = PrefillTokens()
+        truncated = False
         if params.score:
             scores = await score_block(request.scorer, BlockQuery(
                 prompt=request.prompt, prompt_ids=request.prompt_ids,
@@ -234,6 +274,7 @@ class SBoNEngine:
                 block_ids=[c.token_ids for c in candidates]))
             rewards = scores.rewards
             scoring = PrefillTokens(scores.computed_tokens, scores.cached_tokens)
+            truncated = scores.truncated
             request.tokens_scored += sum(len(request.response_ids) + c.num_tokens
                                          for c in candidates)
         else:
@@ -258,6 +299,7 @@ class SBoNEngine:
             selection_s=selected - scored,
             prefill_generation=sum((c.prefill for c in candidates), PrefillTokens()),
             prefill_scoring=scoring,
+            reward_truncated=truncated,
         )
 
     def _append(self, request: _Request) -> str:
@@ -320,6 +362,7 @@ class SBoNEngine:
             timings=timings,
             prefill_generation=sum((b.prefill_generation for b in blocks), PrefillTokens()),
             prefill_scoring=sum((b.prefill_scoring for b in blocks), PrefillTokens()),
+            pruning=request.pruning,
         )
 
 

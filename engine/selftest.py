@@ -19,7 +19,7 @@ import math
 import shutil
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from common.prompts import Message, Prompt
@@ -75,8 +75,10 @@ class SelfTestReport:
 
 
 async def run_selftest(backend: GenerationBackend, scorers: Mapping[str, RewardScorer],
-                       timeout_s: float = TIMEOUT_S) -> SelfTestReport:
-    """Generate ``MAX_TOKENS`` tokens with log-probabilities, then score once per reward.
+                       timeout_s: float = TIMEOUT_S,
+                       skip: Collection[str] = ()) -> SelfTestReport:
+    """Generate ``MAX_TOKENS`` tokens with log-probabilities, then score once per reward
+    (except the rewards named in ``skip``: those configured with ``selftest: false``).
 
     Raises :class:`SelfTestError` naming what failed, with the underlying error's message.
     """
@@ -90,13 +92,18 @@ async def run_selftest(backend: GenerationBackend, scorers: Mapping[str, RewardS
     generation_s = time.perf_counter() - started
     scoring_s: dict[str, float] = {}
     for name, scorer in scorers.items():
+        if name in skip:
+            logger.info("self-test skipped for a reward", extra={"reward": name})
+            continue
         began = time.perf_counter()
         try:
             await asyncio.wait_for(_score(scorer), timeout_s)
         except Exception as exc:
             raise SelfTestError(
                 f"start-up self-test: the reward '{name}' could not score a test response: "
-                f"{describe(exc)}") from exc
+                f"{describe(exc)}. A reward that only scores its own prompts (a task-specific "
+                f"verifier) can skip this test: set 'selftest: false' on reward '{name}'"
+            ) from exc
         scoring_s[name] = time.perf_counter() - began
     report = SelfTestReport(generation_s, scoring_s)
     logger.info("self-test passed", extra={

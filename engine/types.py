@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from common.config import Normalization
+from common.prune import PruneSettings
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,9 @@ class SBoNParams:
     kl_budget: float | None = None  # nats per selection; when set, lambda is solved per block
     block_delimiter: str | None = None  # a block also ends after this string (a step)
     max_blocks: int | None = None  # selections at most (step-aligned blocks can be short)
+    particles: bool = False  # blockwise: keep n weighted particles (engine/particles.py)
+    ess_threshold: float = 0.5  # particles: resample when ESS < ess_threshold * n
+    prune: PruneSettings | None = None  # early pruning (per-response mode only)
 
     @property
     def blockwise(self) -> bool:
@@ -95,6 +99,16 @@ class ScoredCandidate:
 
 
 @dataclass(frozen=True)
+class ParticleStep:
+    """What the particles did after one block (engine/particles.py)."""
+
+    ess: float  # (sum W)^2 / sum W^2 of the weights after the block, before resampling
+    resampled: bool
+    ancestors: list[int] | None = None  # per new particle, the particle it copies
+    live: int = 0  # particles still decoding during this block
+
+
+@dataclass(frozen=True)
 class BlockRecord:
     """One selection step: the candidates of a block and which one was appended."""
 
@@ -110,6 +124,8 @@ class BlockRecord:
     selection_s: float = 0.0
     prefill_generation: PrefillTokens = PrefillTokens()
     prefill_scoring: PrefillTokens = PrefillTokens()
+    particles: ParticleStep | None = None  # particles mode only
+    reward_truncated: bool = False  # the reward read the responses but not the whole prompt
 
     @property
     def chosen(self) -> ScoredCandidate:
@@ -135,6 +151,21 @@ class Diagnostics:
     win_rate_bound: float  # n / (n + 1)
 
 
+@dataclass(frozen=True)
+class PruneReport:
+    """What early pruning did to one selection (engine/pruning.py)."""
+
+    mode: str
+    every: int
+    pruned_at: list[int | None]  # per candidate: the checkpoint (tokens) it was pruned at
+    checkpoints: int  # checkpoints that were scored
+    distortion_bound: float | None = None  # bound mode: sum of the pruned weight bounds
+
+    @property
+    def pruned(self) -> int:
+        return sum(1 for at in self.pruned_at if at is not None)
+
+
 @dataclass
 class SBoNResult:
     """The outcome of one soft best-of-n request."""
@@ -153,10 +184,24 @@ class SBoNResult:
     # Prompt tokens of every engine request: generation, and scoring (model rewards).
     prefill_generation: PrefillTokens = PrefillTokens()
     prefill_scoring: PrefillTokens = PrefillTokens()
+    pruning: PruneReport | None = None
+
+    @property
+    def tokens_computed(self) -> int:
+        """The cost axis: tokens decoded for every candidate (pruned ones up to where they
+        stopped) plus prompt tokens computed, not cached, by generation and by scoring.
+        Rewards outside the engine (hf, prm, python) report no prompt tokens of their own."""
+        return (self.tokens_generated + self.prefill_generation.computed
+                + self.prefill_scoring.computed)
 
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def reward_truncated(self) -> bool:
+        """Whether any selection's reward read the responses but not the whole prompt."""
+        return any(b.reward_truncated for b in self.blocks)
 
     @property
     def final_block(self) -> BlockRecord:

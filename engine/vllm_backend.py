@@ -12,18 +12,29 @@ import asyncio
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
+
+import jinja2
 
 from common.config import AppConfig
 from common.prompts import Prompt, chat_messages, prompt_as_text
 from common.tasks import first_error
-from engine.backend import BackendError, InvalidGenerationRequest, PromptTooLongError
+from engine.backend import (
+    BackendError,
+    InvalidGenerationRequest,
+    PromptFormatError,
+    PromptTooLongError,
+)
 from engine.model_prep import resolve_model_path
+from engine.parallel import prepare_parallel, scoped_environment
 from engine.types import Candidate, PrefillTokens, SamplingSettings
 from reward.judge import LabelLogprobs
 
 logger = logging.getLogger(__name__)
+
+# New token ids of one output, and the prompt's computed/cached prefill counts.
+OutputCallback = Callable[[Sequence[int], PrefillTokens], None]
 
 # The prefix cache reuses whole KV blocks only. vLLM's CPU default (128 tokens) leaves a
 # short judge query or block tail uncached; its attention kernel takes multiples of 32.
@@ -165,10 +176,14 @@ class VLLMBackend:
         self.model_path = await asyncio.to_thread(resolve_model_path, self._config.model)
         _apply_cpu_kv_cache(self._config)
         os.environ.update(engine_environment(self._config, on_cpu(), os.environ))
+        # Parallel CPU workers need their thread binding while vLLM spawns them, and only
+        # this engine's workers (engine/parallel.py).
+        workers = prepare_parallel(self._config.engine, self.model_path, on_cpu())
         args = build_engine_args(self._config, self.model_path)
         # In a worker thread: building the engine takes seconds to minutes, and the server's
         # event loop must keep answering /health (503) meanwhile.
-        self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        with scoped_environment(workers):
+            self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         self._tokenizer = self._engine.get_tokenizer()
         logger.info("engine ready", extra={"model": self.model_name})
 
@@ -187,6 +202,13 @@ class VLLMBackend:
     def ready(self) -> bool:
         return self._engine is not None and not self._engine.errored
 
+    @property
+    def dead_error(self) -> BaseException | None:
+        if self._engine is None or not self._engine.errored:
+            return None
+        error: BaseException = self._engine.dead_error
+        return error
+
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         tokenizer = self.tokenizer
         if isinstance(prompt, str):
@@ -194,7 +216,12 @@ class VLLMBackend:
         if getattr(tokenizer, "chat_template", None) is None:
             return list(tokenizer.encode(prompt_as_text(prompt) + "\nassistant:"))
         messages = chat_messages(prompt)
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=False)
+        except jinja2.TemplateError as exc:  # raise_exception() in the template: the input's fault
+            raise PromptFormatError("The model's chat template refused these messages: "
+                                    f"{str(exc)[:200]}") from None
         return list(tokenizer.encode(text, add_special_tokens=False))
 
     def decode(self, token_ids: Sequence[int]) -> str:
@@ -326,12 +353,29 @@ class VLLMBackend:
         async for item in self._sample(prompt_token_ids, sampling, max_tokens, request_id, seed):
             yield item
 
+    async def sample_one(self, prompt_token_ids: Sequence[int], sampling: SamplingSettings,
+                         max_tokens: int, request_id: str, seed: int | None, *,
+                         on_output: OutputCallback,
+                         prefilled: asyncio.Event | None = None) -> Candidate:
+        """One sample as its own engine request, its new token ids reported as they decode.
+
+        Early pruning (engine/pruned.py) stops a sample by cancelling this call, which
+        aborts its engine request. Same sampling and seed as :meth:`generate`'s samples.
+        """
+        async for item in self._sample(prompt_token_ids, sampling, max_tokens, request_id,
+                                       seed, prefilled, on_output):
+            if isinstance(item, Candidate):
+                return item
+        raise BackendError("the engine returned no output")
+
     async def _sample(self, prompt_token_ids: Sequence[int], sampling: SamplingSettings,
                       max_tokens: int, request_id: str, seed: int | None,
-                      prefilled: asyncio.Event | None = None) -> AsyncIterator[str | Candidate]:
+                      prefilled: asyncio.Event | None = None,
+                      on_output: OutputCallback | None = None) -> AsyncIterator[str | Candidate]:
         """One sample: text deltas as they decode, then the :class:`Candidate`.
 
-        ``prefilled`` is set once the engine has computed the prompt (its first output).
+        ``prefilled`` is set once the engine has computed the prompt (its first output);
+        ``on_output`` receives each output's new token ids and the prompt's prefill counts.
         """
         params = self._sampling_params(len(prompt_token_ids), 1, sampling, max_tokens, seed,
                                        delta=True)
@@ -344,6 +388,9 @@ class VLLMBackend:
                     prefilled.set()
                 last = output.outputs[0]
                 token_ids.extend(last.token_ids)
+                if on_output is not None:
+                    on_output(last.token_ids,
+                              prefill_tokens(len(prompt_token_ids), output.num_cached_tokens))
                 if last.text:
                     text.append(last.text)
                     yield last.text

@@ -8,6 +8,7 @@ With ``engine/vllm_backend.py`` the only modules that import vLLM.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import uuid
@@ -16,6 +17,7 @@ from typing import Any
 
 from common.config import VLLMRewardConfig
 from engine.backend import BackendError
+from engine.parallel import scoped_environment, single_worker_environment
 from engine.vllm_backend import kv_block_size, on_cpu, prefill_tokens
 from reward.vllm_reward import Classified
 
@@ -66,7 +68,10 @@ class PoolingEngine:
             # The CPU backend reads its KV cache size when an engine starts.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(self._config.kv_cache_gib)))
         args = AsyncEngineArgs(**pooling_engine_kwargs(self._config))
-        self._engine = AsyncLLM.from_engine_args(args)
+        # In a worker thread: the engine takes tens of seconds to build, and the event loop
+        # must keep answering /health and SIGTERM meanwhile (as for the generator).
+        with scoped_environment(single_worker_environment(os.environ)):
+            self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         self.tokenizer = self._engine.get_tokenizer()
         hf_config = self._engine.model_config.hf_config
         self.num_labels = int(getattr(hf_config, "num_labels", 1))
@@ -86,7 +91,8 @@ class PoolingEngine:
         return bool(await self._engine.reset_prefix_cache())
 
     @property
-    def ready(self) -> bool:
+    def healthy(self) -> bool:
+        """Started, and vLLM has not reported the engine errored (its core process died)."""
         return self._engine is not None and not self._engine.errored
 
     async def classify(self, token_ids: Sequence[int]) -> Classified:

@@ -24,6 +24,23 @@ class RewardScorer(Protocol):
 
     name: str
 
+    @property
+    def timeout_s(self) -> float:
+        """Seconds one scoring call may take (engine/guarded.py applies it to every call)."""
+        ...
+
+    @property
+    def never_choose_negative_infinity(self) -> bool:
+        """True when -inf is a valid reward meaning "never choose this candidate"; otherwise
+        -inf is a failure like NaN (engine/guarded.py)."""
+        ...
+
+    @property
+    def healthy(self) -> bool:
+        """True once started and while it can serve; False when it cannot serve without a
+        restart (its engine or worker died, a device error that sticks)."""
+        ...
+
     async def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         """Return one reward per pair, in order."""
         ...
@@ -67,6 +84,9 @@ class Scores:
     rewards: list[float]
     computed_tokens: int = 0
     cached_tokens: int = 0
+    # The input was longer than the reward model reads: its oldest prompt tokens were
+    # dropped, every response kept whole (reward/truncation.py).
+    truncated: bool = False
 
 
 @runtime_checkable

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
+import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,6 +63,7 @@ class BatchWorker(Generic[ItemT]):
         self._queue: asyncio.Queue[_Pending[ItemT]] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
+        self._device_failed = False  # a device error that sticks: nothing scores again
 
     async def run(self, function: Callable[[], T]) -> T:
         """Run ``function`` on the worker thread (the one that scores) and return its result."""
@@ -87,8 +90,9 @@ class BatchWorker(Generic[ItemT]):
 
     @property
     def healthy(self) -> bool:
-        """Started, and its serving task still running."""
-        return self._worker is not None and not self._worker.done()
+        """Started, its serving task still running, and its device usable."""
+        return (self._worker is not None and not self._worker.done()
+                and not self._device_failed)
 
     def check_open(self) -> None:
         """Raise a RewardError unless requests are taken (started and not closed)."""
@@ -96,6 +100,8 @@ class BatchWorker(Generic[ItemT]):
             raise RewardError(f"reward '{self.name}' is not loaded")
         if self._closed:
             raise RewardError(f"reward '{self.name}' is closed")
+        if self._device_failed:
+            raise RewardError(f"reward '{self.name}': its device failed; restart the server")
 
     async def submit(self, items: Sequence[ItemT]) -> list[float]:
         """The values of ``items``, in order, scored in a batch shared with other requests."""
@@ -131,8 +137,11 @@ class BatchWorker(Generic[ItemT]):
         try:
             values = await self.run(lambda: self._score_items(items))
         except Exception as exc:
-            if len(pending) == 1:
-                self._fail(pending[0], exc)
+            if is_sticky_device_error(exc):
+                self._device_failed = True  # healthy turns False: the server restarts
+            if len(pending) == 1 or self._device_failed:
+                for one in pending:
+                    self._fail(one, exc)
                 return
             self._logger.warning("a shared reward batch failed; scoring its requests one by one",
                                  extra={"reward": self.name, "requests": len(pending)})
@@ -153,13 +162,35 @@ class BatchWorker(Generic[ItemT]):
             f"reward '{self.name}' failed: {type(exc).__name__}")
         if not pending.future.done():
             pending.future.set_exception(error)
-        self._logger.error("reward scoring failed", extra={"reward": self.name}, exc_info=exc)
+        self._logger.error("reward scoring failed", extra={"reward": self.name,
+                                                           **redacted_traceback(exc)})
 
     def _abandon(self, pending: list[_Pending[ItemT]]) -> None:
         """Fail requests that will not be scored because the worker is closing."""
         for p in pending:
             if not p.future.done():
                 p.future.set_exception(RewardError(f"reward '{self.name}' is closed"))
+
+
+def redacted_traceback(exc: BaseException) -> dict[str, str]:
+    """Where an error happened, without what it says: the types of the error and its causes,
+    and the frames (file, line, code). Messages are left out, since a tokenizer's or a
+    model's error may quote the client's input."""
+    chain: list[str] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 8:
+        chain.append(type(current).__name__)
+        current = current.__cause__ or current.__context__
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    return {"error": " <- ".join(chain), "traceback": frames}
+
+
+def is_sticky_device_error(exc: BaseException) -> bool:
+    """A CUDA (accelerator) error: after one the device context is unusable until the
+    process restarts (PyTorch raises ``torch.AcceleratorError`` for them). Out-of-memory
+    errors are a different type and pass."""
+    torch = sys.modules.get("torch")  # not imported: the error cannot be torch's
+    return torch is not None and isinstance(exc, torch.AcceleratorError)
 
 
 class BatchedModelScorer(Generic[ItemT]):
@@ -170,6 +201,7 @@ class BatchedModelScorer(Generic[ItemT]):
     """
 
     _batcher: BatchWorker[ItemT]
+    never_choose_negative_infinity = False  # -inf from a model is a failure
 
     def _load(self) -> None:
         raise NotImplementedError

@@ -4,9 +4,10 @@ The standard format of real reward models (Skywork-Reward, ArmoRM, OpenAssistant
 models): ``AutoModelForSequenceClassification`` with one output logit, or a chosen label.
 (prompt, response) pairs are formatted with the reward model's own chat template when it has
 one. Concurrent requests are gathered into shared batches, split by a token budget, and run
-on one worker thread so the event loop never blocks; a batch that fails is retried request by
-request (reward/batching.py), and the reward's ``timeout_s`` bounds every call
-(engine/guarded.py).
+on one worker thread so the event loop never blocks (chat templates and tokenising run there
+too); a batch that fails is retried request by request (reward/batching.py), and the
+reward's ``timeout_s`` bounds every call (engine/guarded.py). Inputs longer than
+``max_length`` lose their oldest prompt tokens, never the response (reward/truncation.py).
 """
 
 from __future__ import annotations
@@ -18,18 +19,20 @@ from typing import Any
 
 from common.config import HFRewardConfig
 from common.prompts import Prompt, conversation, prompt_as_text
-from reward.base import RewardError, check_lengths
+from reward.base import BlockQuery, RewardError, Scores, check_lengths
 from reward.batching import BatchedModelScorer, BatchWorker
+from reward.truncation import fit_group, leading_special
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class _Item:
-    """One pair as text: the prompt part alone, and prompt plus response."""
+    """One pair as the model reads it: prompt plus response, and the prompt part alone
+    (fitted to ``max_length`` alike, so pairs of one prompt share it)."""
 
-    prefix: str
-    full: str
+    prefix: tuple[int, ...]
+    full: list[int]
 
 
 def token_budget_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
@@ -63,6 +66,7 @@ class HFRewardScorer(BatchedModelScorer[_Item]):
         self._tokenizer: Any = None
         self._label_index = 0
         self._share_kv = False
+        self._room: int | None = None  # response tokens that fit whole (set at load)
         # _score_items is looked up at every batch, so a replaced method is the one used.
         self._batcher: BatchWorker[_Item] = BatchWorker(
             config.name, config.batch_wait_ms, lambda items: self._score_items(items), logger)
@@ -93,6 +97,7 @@ class HFRewardScorer(BatchedModelScorer[_Item]):
         model.to(cfg.device)
         model.eval()
         self._model, self._tokenizer = model, tokenizer
+        self._room = cfg.max_length - len(self._encode(self.format("", "")))
         self._share_kv = cfg.share_prompt_kv and self._kv_sharing_matches()
         logger.info("reward model loaded", extra={"reward": self.name, "device": cfg.device})
 
@@ -103,11 +108,11 @@ class HFRewardScorer(BatchedModelScorer[_Item]):
         responses); bidirectional encoders do not, and fall back to full recomputation.
         """
         probe = "Say something kind."
-        items = [_Item(self.format_prefix(probe), self.format(probe, r))
-                 for r in ("Hello there, friend.", "You are doing well today.")]
-        full = [self._encode(item.full) for item in items]
+        items, _ = self._encode_pairs([probe] * 2,
+                                      ["Hello there, friend.", "You are doing well today."])
+        full = [item.full for item in items]
         try:
-            shared = self._score_group(self._encode(items[0].prefix), [0, 1], full)
+            shared = self._score_group(list(items[0].prefix), [0, 1], full)
         except Exception:  # a model without a usable cache: no sharing
             logger.info("prompt KV sharing unavailable", extra={"reward": self.name})
             return False
@@ -163,31 +168,66 @@ class HFRewardScorer(BatchedModelScorer[_Item]):
         sep = self._tokenizer.sep_token or "\n"
         return f"{prompt_as_text(prompt)}{sep}"
 
+    def response_room(self) -> int | None:
+        """Response tokens that fit ``max_length`` whole, beside the template's own."""
+        return self._room
+
     async def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+        return (await self._score_pairs(prompts, responses)).rewards
+
+    async def score_block(self, query: BlockQuery) -> Scores:
+        responses = query.responses()
+        return await self._score_pairs([query.prompt] * len(responses), responses)
+
+    async def _score_pairs(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> Scores:
         check_lengths(prompts, responses)
         self._batcher.check_open()
         if not prompts:
-            return []
-        items = [_Item(self.format_prefix(p), self.format(p, r))
-                 for p, r in zip(prompts, responses, strict=True)]
-        return await self._batcher.submit(items)
+            return Scores([])
+        # Templates and tokenising on the scoring thread: off the event loop, and never
+        # concurrent with the model's own use of the tokenizer.
+        try:
+            items, truncated = await self._batcher.run(
+                lambda: self._encode_pairs(list(prompts), list(responses)))
+        except Exception as exc:  # a chat template that refuses the conversation
+            raise RewardError(f"reward '{self.name}' cannot build its input: "
+                              f"{type(exc).__name__}") from exc
+        return Scores(await self._batcher.submit(items), truncated=truncated)
+
+    def _encode_pairs(self, prompts: list[Prompt],
+                      responses: list[str]) -> tuple[list[_Item], bool]:
+        """Each pair's input, fitted to ``max_length`` per prompt (reward/truncation.py)."""
+        groups: dict[str, list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            groups.setdefault(self.format_prefix(prompt), []).append(index)
+        full = [self._encode(self.format(p, r)) for p, r in zip(prompts, responses, strict=True)]
+        items: dict[int, _Item] = {}
+        truncated = False
+        for prefix_text, members in groups.items():
+            prefix = self._encode(prefix_text)
+            fitted, cut = fit_group([full[i] for i in members] + [prefix],
+                                    self._config.max_length,
+                                    leading_special(prefix, self._tokenizer.bos_token_id))
+            truncated = truncated or cut
+            for index, ids in zip(members, fitted, strict=False):
+                items[index] = _Item(tuple(fitted[-1]), ids)
+        return [items[i] for i in range(len(prompts))], truncated
 
     def _encode(self, text: str) -> list[int]:
         # A chat template already writes the special tokens the model was trained with.
-        ids = self._tokenizer(text, add_special_tokens=not self._templated)["input_ids"]
-        return list(ids[: self._config.max_length])
+        return list(self._tokenizer(text, add_special_tokens=not self._templated)["input_ids"])
 
     def _score_items(self, items: list[_Item]) -> list[float]:
         """Score pairs; responses to the same prompt share the prompt's KV when possible."""
-        full = [self._encode(item.full) for item in items]
+        full = [item.full for item in items]
         results: dict[int, float] = {}
         if self._share_kv:
-            groups: dict[str, list[int]] = {}
+            groups: dict[tuple[int, ...], list[int]] = {}
             for index, item in enumerate(items):
                 groups.setdefault(item.prefix, []).append(index)
             for prefix, members in groups.items():
                 if len(members) > 1:
-                    results.update(self._score_group(self._encode(prefix), members, full))
+                    results.update(self._score_group(list(prefix), members, full))
         rest = [i for i in range(len(items)) if i not in results]
         for index, value in zip(rest, self._score_full([full[i] for i in rest]), strict=True):
             results[index] = value

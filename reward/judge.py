@@ -56,6 +56,9 @@ class JudgeEngine(Protocol):
 class JudgeScorer:
     """Reward = log p(yes_token) - log p(no_token) from a co-located language model."""
 
+    never_choose_negative_infinity = False  # -inf from the judge is a failure
+    healthy = True  # the engine is the generator's, watched by the server itself
+
     def __init__(self, config: JudgeRewardConfig, engine: JudgeEngine) -> None:
         self.name = config.name
         self.timeout_s = config.timeout_s  # applied by engine/guarded.py

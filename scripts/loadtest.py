@@ -26,6 +26,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -205,10 +206,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
     parser.add_argument("--settle-s", type=float, default=30.0,
                         help="how long the engine may take to finish aborted work")
-    parser.add_argument("--api-key")
+    keys = parser.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", help="the server's key (visible to other users in ps; "
+                      "prefer --api-key-file)")
+    keys.add_argument("--api-key-file", help="a file holding the server's key")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the summary to this file")
     args = parser.parse_args(argv)
+    if args.api_key_file:
+        try:
+            args.api_key = Path(args.api_key_file).read_text().removesuffix("\n")
+        except OSError as exc:
+            parser.error(f"--api-key-file: {exc.strerror}: {args.api_key_file}")
     args.concurrency = args.concurrency or 4 * args.cap
     if args.requests < 1 or args.concurrency < 1:
         parser.error("--requests and --concurrency must be positive")

@@ -83,17 +83,15 @@ def _number(value: float) -> float | str | None:
 
 
 def _block_lambda(block: BlockRecord, params: SBoNParams) -> float | str | None:
-    lam = getattr(block, "lam", params.lam)  # per block once a KL budget solves it
-    if lam is None or (isinstance(lam, float) and math.isnan(lam)):
-        lam = params.lam
-    return _number(float(lam))
+    # The block's own lambda once a KL budget solves it per block; NaN: the request's.
+    return _number(params.lam if math.isnan(block.lam) else block.lam)
 
 
 def build_record(*, request_id: str, logged_at: float, model: str, prompt: Prompt,
                  sampling: SamplingSettings, result: SBoNResult) -> dict[str, Any]:
     """The JSON object of one returned choice (schema in docs/datalog.md)."""
     params = result.params
-    kl_budget = getattr(params, "kl_budget", None)
+    kl_budget = params.kl_budget
     return {
         "schema": SCHEMA_VERSION,
         "request_id": request_id,
@@ -107,7 +105,7 @@ def build_record(*, request_id: str, logged_at: float, model: str, prompt: Promp
             "lambda": _number(params.lam),
             "kl_budget": None if kl_budget is None else _number(float(kl_budget)),
             "block_size": params.block_size,
-            "block_delimiter": getattr(params, "block_delimiter", None),
+            "block_delimiter": params.block_delimiter,
             "normalize": str(params.normalize),
             "seed": sampling.seed,
             "temperature": sampling.temperature,

@@ -130,7 +130,7 @@ def to_api_error(exc: BaseException) -> APIError:
         return NotFound(f"The reward '{name}' is not configured.", "sbon.reward",
                         "reward_not_found")
     if isinstance(exc, InvalidGenerationRequest):
-        return InvalidRequest(str(exc), None, "invalid_generation_request")
+        return InvalidRequest(str(exc), exc.param, "invalid_generation_request")
     if isinstance(exc, BackendError):
         return Unavailable("The generation engine is unavailable.", None, "engine_unavailable")
     if isinstance(exc, RewardFailure):

@@ -2,9 +2,10 @@
 
 - Start: the engine and rewards load in a background task, so ``/health`` answers 503
   while they load (engine construction runs in a worker thread, off the event loop).
-- Engine death: a watchdog checks the engine every ``server.engine_check_s``; when it has
-  died, every request still running is answered with a 503, then the process exits
-  non-zero so that Docker or Kubernetes restart it (vLLM's own server does the same).
+- Engine death: a watchdog checks the engine and every reward every
+  ``server.engine_check_s``; when the generator or a reward's engine or worker has died,
+  every request still running is answered with a 503, then the process exits non-zero so
+  that Docker or Kubernetes restart it (vLLM's own server does the same).
 - Shutdown (SIGTERM): new requests get 503 and the listener closes; requests in flight may
   finish for up to ``server.drain_s``; whatever still runs then is ended with a 503 (an
   error frame and ``[DONE]`` for streams), and the process exits 0.
@@ -25,11 +26,13 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from common.config import AppConfig, non_default_values
+from common.config import AppConfig, config_warnings, non_default_values
 from server.datalog import DataLog
 from server.errors import Unavailable
 from server.metrics import Metrics
-from server.serving import AbortSignal, Admission, ServingRuntime
+from server.planning import ServingRuntime
+from server.serving import Admission
+from server.stopping import AbortSignal
 
 logger = logging.getLogger("sbon.server")
 
@@ -52,7 +55,8 @@ class ServerState:
     on_fatal: Callable[[], None] | None = None
     abort: AbortSignal = field(default_factory=AbortSignal)
     stopping: bool = False  # a shutdown is draining: no new requests
-    engine_dead: bool = False
+    engine_dead: bool = False  # the generator or a reward died: the process is exiting
+    death: Unavailable | None = None  # what requests get meanwhile
     # Prompts are tokenised here, one at a time (tokenizers are not re-entrant).
     encoder: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         max_workers=1, thread_name_prefix="sbon-tokenize"))
@@ -74,13 +78,13 @@ def serving_runtime(state: ServerState) -> ServingRuntime:
     if state.stopping:
         raise shutting_down_error()
     if state.engine_dead:
-        raise engine_dead_error()
+        raise state.death or engine_dead_error()
     runtime = state.runtime
     if runtime is None:
         if state.failure:
             raise Unavailable("The server failed to start.", None, "start_failed")
         raise Unavailable("The model is still loading; retry shortly.", None, "engine_loading")
-    if not getattr(runtime.backend, "ready", True):
+    if not runtime.backend.ready:
         raise Unavailable("The generation engine is unavailable.", None, "engine_unavailable")
     return runtime
 
@@ -91,6 +95,8 @@ def warn_if_exposed(config: AppConfig) -> None:
         logger.warning("listening on a non-loopback address without an API key: anyone who "
                        "can reach it can use the model; set SBON_SERVER__API_KEY",
                        extra={"host": config.server.host})
+    for message in config_warnings(config):
+        logger.warning(message)
 
 
 async def start_in_background(state: ServerState, starter: RuntimeStarter) -> None:
@@ -112,18 +118,50 @@ async def start_in_background(state: ServerState, starter: RuntimeStarter) -> No
                                 "start_s": round(time.perf_counter() - started, 1)})
 
 
+def reward_dead_error(name: str) -> Unavailable:
+    return Unavailable(f"The reward '{name}' stopped; the server is restarting.",
+                       "sbon.reward", "reward_dead")
+
+
+def dead_part(runtime: ServingRuntime) -> tuple[str, Unavailable, BaseException | None] | None:
+    """What has died for good (the generator, or a reward's engine or worker): its name,
+    the error requests get, and the cause where the part knows it; None while all live."""
+    backend = runtime.backend
+    if not backend.ready:
+        return "the generation engine", engine_dead_error(), backend.dead_error
+    for name, scorer in runtime.sbon.scorers.items():
+        if not scorer.healthy:
+            return f"the reward '{name}'", reward_dead_error(name), None
+    return None
+
+
+def default_reward_dead(state: ServerState, runtime: ServingRuntime) -> str | None:
+    """The default reward's name when it cannot serve: its engine died, or it failed
+    ``server.reward_dead_after_failures`` times in a row; None otherwise."""
+    name = runtime.sbon.default_reward
+    scorer = runtime.sbon.scorers[name]
+    limit = state.config.server.reward_dead_after_failures
+    if not scorer.healthy or 0 < limit <= scorer.health.consecutive_failures:
+        return name
+    return None
+
+
 async def watch_engine(state: ServerState) -> None:
-    """Poll the engine's health; on its death answer everyone with 503, then exit."""
+    """Poll the engine's and the rewards' health; on a death answer everyone with 503,
+    then exit."""
     while True:
         await asyncio.sleep(state.config.server.engine_check_s)
         runtime = state.runtime
-        if runtime is not None and not getattr(runtime.backend, "ready", True):
+        dead = dead_part(runtime) if runtime is not None else None
+        if dead is not None:
             break
-    state.engine_dead = True
-    state.failure = "the generation engine died"
-    logger.error("the generation engine died; answering requests in flight with 503, then "
-                 "exiting", extra={"in_flight": state.admission.in_flight})
-    state.abort.trigger(engine_dead_error())
+    what, error, cause = dead
+    state.engine_dead, state.death = True, error
+    state.failure = f"{what} died"
+    logger.error(f"{what} died; answering requests in flight with 503, then exiting",
+                 extra={"in_flight": state.admission.in_flight,
+                        "cause": f"{type(cause).__name__}: {cause}" if cause else None})
+    state.abort.trigger(error)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + FATAL_GRACE_S
     while state.admission.in_flight and loop.time() < deadline:

@@ -9,6 +9,8 @@ with code ``limit_exceeded`` naming the parameter; the body as a whole is bounde
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from common.config import Limits
 from server.errors import InvalidRequest
 from server.protocol import ChatCompletionRequest, CompletionRequest, TextPart
@@ -16,6 +18,17 @@ from server.protocol import ChatCompletionRequest, CompletionRequest, TextPart
 
 def _exceeded(message: str, param: str) -> InvalidRequest:
     return InvalidRequest(message, param, "limit_exceeded")
+
+
+def check_stops(stops: Sequence[str], block_delimiter: str | None) -> None:
+    """Refuse a stop string equal to the block delimiter: a block ending there would be
+    both a step boundary (go on) and a stop (end), and one of the two would be ignored."""
+    if block_delimiter is not None and block_delimiter in stops:
+        raise InvalidRequest(
+            f"The stop sequence {block_delimiter!r} is also the block delimiter "
+            "(sbon.block_delimiter, or the server's default): a block ending there cannot "
+            "both end a step and stop the response. Remove it from stop, or choose another "
+            "sbon.block_delimiter.", "stop", "invalid_value")
 
 
 def check_request_size(request: CompletionRequest | ChatCompletionRequest,

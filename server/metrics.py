@@ -61,6 +61,13 @@ class Metrics:
             "Prompt tokens of engine requests by stage (generation, scoring) and by whether "
             "they were computed or served from the prefix cache.",
             ["stage", "source"], registry=r)
+        self.computed_tokens = Counter(
+            f"{PREFIX}_computed_tokens", "The cost axis: tokens decoded for every candidate "
+            "(pruned ones up to where they stopped) plus prompt tokens computed, not cached, "
+            "by generation and by engine-backed rewards.", registry=r)
+        self.pruned_candidates = Counter(
+            f"{PREFIX}_pruned_candidates", "Candidates stopped early by sbon.prune, by mode.",
+            ["mode"], registry=r)
         self.selections = Counter(
             f"{PREFIX}_selections", "Soft best-of-n selections (one per block).", registry=r)
         self.chosen_reward = Histogram(

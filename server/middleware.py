@@ -16,7 +16,6 @@ import hashlib
 import hmac
 import logging
 import re
-import time
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -47,7 +46,8 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = _request_id(scope)
-        arrived = time.perf_counter()
+        # Event-loop time: the one clock a request's deadline and durations are read on.
+        arrived = asyncio.get_running_loop().time()
         scope.setdefault("state", {}).update(request_id=request_id, arrived=arrived)
         status = {"code": 500}
 
@@ -65,13 +65,14 @@ class RequestContextMiddleware:
             self._account(scope, status["code"], request_id, arrived)
 
     def _account(self, scope: Scope, status: int, request_id: str, arrived: float) -> None:
+        duration_s = asyncio.get_running_loop().time() - arrived
         path = scope.get("path", "")
         endpoint = path if path in KNOWN_PATHS else "other"
         self.metrics.requests.labels(endpoint, str(status)).inc()
         if path not in ("/health", "/metrics"):
             logger.info("request", extra={
                 "request_id": request_id, "method": scope.get("method"), "path": endpoint,
-                "status": status, "duration_s": round(time.perf_counter() - arrived, 4)})
+                "status": status, "duration_s": round(duration_s, 4)})
 
 
 def _request_id(scope: Scope) -> str:

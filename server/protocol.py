@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from common.config import Normalization
 from common.prompts import Message
+from common.prune import PruneSettings
 from common.values import parse_lambda
 from engine.resolve import SBoNOverrides
 
@@ -84,6 +85,15 @@ class SBoNOptions(StrictModel):
     block_delimiter: str | None = Field(
         default=None, min_length=1, max_length=64,
         description="a block also ends after this string (kept): one block per step")
+    prune: PruneSettings | None = Field(
+        default=None, description="early pruning (per-response mode); null = off, absent = "
+                                  "the configured default")
+    particles: bool | None = Field(
+        default=None, description="blockwise mode: keep n weighted particles, resampled when "
+                                  "the ESS is low (excludes kl_budget; raw rewards)")
+    ess_threshold: float | None = Field(
+        default=None, gt=0.0, le=1.0, allow_inf_nan=False,
+        description="particles: resample when ESS < ess_threshold x n")
 
     @field_validator("lam", mode="before")
     @classmethod
@@ -102,7 +112,9 @@ class SBoNOptions(StrictModel):
         return SBoNOverrides(n=self.n, lam=self.lam, block_size=self.block_size,
                              block_size_given="block_size" in self.model_fields_set,
                              normalize=self.normalize, reward=self.reward,
-                             kl_budget=self.kl_budget, block_delimiter=self.block_delimiter)
+                             kl_budget=self.kl_budget, block_delimiter=self.block_delimiter,
+                             prune=self.prune, prune_given="prune" in self.model_fields_set,
+                             particles=self.particles, ess_threshold=self.ess_threshold)
 
 
 class StreamOptions(StrictModel):
@@ -116,7 +128,8 @@ class _Sampling(StrictModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1)
+    # vLLM keeps top_k in an int32 tensor (and clamps it to the vocabulary): larger is a 400.
+    top_k: int = Field(default=0, ge=-1, le=2**31 - 1)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stop: Text | list[Text] | None = Field(
@@ -236,6 +249,32 @@ class SBoNBlock(ResponseModel):
     kl_estimate: float
     lam: JSONFloat = Field(alias="lambda", description="the lambda this selection used")
     candidates: list[str] | None = Field(default=None, description="with return_candidates")
+    resampled: bool | None = Field(
+        default=None, description="particles: whether the particles were resampled after "
+                                  "this block (ess is then the ESS that triggered it)")
+    ancestors: list[int] | None = Field(
+        default=None, description="particles, when resampled: the particle each new one copies")
+
+
+class SBoNPrune(ResponseModel):
+    """What early pruning did to a per-response selection."""
+
+    mode: str
+    every: int = Field(description="tokens between checkpoints")
+    checkpoints: int = Field(description="checkpoints at which candidates were scored")
+    pruned: int = Field(description="candidates stopped early")
+    pruned_at: list[int | None] = Field(
+        description="per candidate: the checkpoint (tokens) it was stopped at, or null")
+    distortion_bound: float | None = Field(
+        default=None, description="bound mode: the total selection probability pruning "
+                                  "can have moved (sum of the pruned weight bounds)")
+
+
+class SBoNParticles(ResponseModel):
+    """What the particles of a blockwise response did (per block: ``blocks``)."""
+
+    ess_threshold: float = Field(description="resampling when ESS < ess_threshold x n")
+    resamplings: int = Field(description="blocks after which the particles were resampled")
 
 
 class SBoNInfo(ResponseModel):
@@ -245,6 +284,9 @@ class SBoNInfo(ResponseModel):
     lam: JSONFloat | None = Field(
         alias="lambda", description="the lambda asked for; null when a KL budget solves it")
     kl_budget: float | None = Field(description="nats per selection, when one was asked for")
+    reward_truncated: bool | None = Field(
+        default=None, description="true when the reward model read every response whole but "
+                                  "not the whole prompt (its oldest tokens were dropped)")
     lambdas: list[JSONFloat] = Field(description="the lambda each selection used, in order")
     block_size: int | None
     block_delimiter: str | None
@@ -254,7 +296,8 @@ class SBoNInfo(ResponseModel):
     blocks: list[SBoNBlock] | None = Field(default=None, description="blockwise mode")
     chosen_index: int | None = Field(default=None, description="per-response mode")
     candidates: list[str] | None = Field(default=None, description="with return_candidates")
-    rewards: list[JSONFloat] | None = Field(default=None, description="of the final selection")
+    rewards: list[JSONFloat | None] | None = Field(
+        default=None, description="of the final selection; null for a pruned candidate")
     weights: list[float] | None = None
     ess: float
     kl_from_uniform: float
@@ -263,6 +306,11 @@ class SBoNInfo(ResponseModel):
     win_rate_bound: float
     tokens_generated: int
     tokens_scored: int
+    tokens_computed: int = Field(
+        description="decoded tokens of every candidate plus prompt tokens computed (not "
+                    "cached) by generation and by engine-backed rewards")
+    prune: SBoNPrune | None = Field(default=None, description="with sbon.prune")
+    particles: SBoNParticles | None = Field(default=None, description="with sbon.particles")
     tokens_prefilled: dict[str, int] = Field(
         description="prompt tokens computed by engine requests: generation, scoring")
     tokens_cached: dict[str, int] = Field(

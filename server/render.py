@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from common.values import json_number
-from engine.types import BlockRecord, SBoNResult
+from engine.types import BlockRecord, PruneReport, SBoNResult
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -26,6 +26,8 @@ from server.protocol import (
     CompletionResponse,
     SBoNBlock,
     SBoNInfo,
+    SBoNParticles,
+    SBoNPrune,
     Usage,
     to_json,
 )
@@ -53,6 +55,10 @@ def _block(block: BlockRecord, with_texts: bool) -> SBoNBlock:
         "kl_estimate": block.kl_estimate, "lambda": json_number(block.lam)})
     if with_texts:
         out.candidates = [c.text for c in block.candidates]
+    if block.particles is not None:
+        out.resampled = block.particles.resampled
+        if block.particles.ancestors is not None:
+            out.ancestors = list(block.particles.ancestors)
     return out
 
 
@@ -79,16 +85,34 @@ def sbon_info(result: SBoNResult, return_candidates: bool) -> SBoNInfo:
     if params.score:
         fields["rewards"] = _rewards(final)
         fields["weights"] = final.weights
+    if params.particles and params.blockwise:
+        fields["particles"] = SBoNParticles(
+            ess_threshold=params.ess_threshold,
+            resamplings=sum(1 for b in result.blocks if b.particles and b.particles.resampled))
+    if result.reward_truncated:
+        fields["reward_truncated"] = True
+    if result.pruning is not None:
+        fields["prune"] = _prune(result.pruning)
+        if "rewards" in fields:  # a pruned candidate has no final reward
+            fields["rewards"] = [None if at is not None else r for r, at in
+                                 zip(fields["rewards"], result.pruning.pruned_at, strict=True)]
     fields.update(
         ess=d.ess, kl_from_uniform=d.kl_from_uniform, kl_bon_bound=d.kl_bon_bound,
         kl_estimate=d.kl_estimate, win_rate_bound=d.win_rate_bound,
         tokens_generated=result.tokens_generated, tokens_scored=result.tokens_scored,
+        tokens_computed=result.tokens_computed,
         tokens_prefilled={"generation": result.prefill_generation.computed,
                           "scoring": result.prefill_scoring.computed},
         tokens_cached={"generation": result.prefill_generation.cached,
                        "scoring": result.prefill_scoring.cached},
         timings_s=dict(result.timings))
     return SBoNInfo(**fields)
+
+
+def _prune(report: PruneReport) -> SBoNPrune:
+    return SBoNPrune(mode=report.mode, every=report.every, checkpoints=report.checkpoints,
+                     pruned=report.pruned, pruned_at=list(report.pruned_at),
+                     distortion_bound=report.distortion_bound)
 
 
 def sbon_object(result: SBoNResult, return_candidates: bool) -> dict[str, Any]:

@@ -1,102 +1,44 @@
-"""The serving logic behind both completion endpoints: plan, admit, run, stream, account.
+"""The serving logic behind both completion endpoints: one owner for each request's life.
 
-A request becomes a :class:`Plan` (validated settings, limits checked, prompts tokenised
-once, off the event loop), then one soft best-of-n run per returned choice, concurrently.
-Streaming merges the choices' block events into OpenAI chunks. A disconnect, the request's
-deadline or a server-wide abort (engine death, the end of a shutdown's drain) cancels the
-runs, which aborts their engine requests; admission answers 429 instead of queueing.
+:meth:`CompletionService.serve` takes a parsed request from its route and answers it:
+checks that need no tokenizer, then admission (a full server answers 429 before any
+tokenising), then the :class:`~server.planning.Plan` (prompts tokenised once, off the event
+loop), then one soft best-of-n run per returned choice, concurrently, answered as one body
+or as an event stream. One :class:`~server.stopping.StopSignal` per request (client gone,
+deadline passed, server aborting) stops either path and so aborts its engine requests.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
-import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from starlette.types import Message, Receive, Scope, Send
 
 from common.config import AppConfig
-from common.prompts import Prompt
 from common.tasks import first_error
-from engine.resolve import SettingsError, resolve_params
-from engine.sbon import SBoNEngine
 from engine.seeds import choice_seed
-from engine.types import BlockEvent, SamplingSettings, SBoNParams, SBoNResult, TextEvent
+from engine.types import BlockEvent, SamplingSettings, SBoNResult, TextEvent
 from server.datalog import DataLog, build_record
-from server.errors import (
-    APIError,
-    DeadlineExceeded,
-    InvalidRequest,
-    NotFound,
-    Overloaded,
-    sse_error_frame,
-    to_api_error,
-)
-from server.limits import check_request_size
+from server.errors import Overloaded, sse_error_frame, to_api_error
 from server.metrics import Metrics
-from server.protocol import (
-    UNSUPPORTED_FIELDS,
-    ChatCompletionRequest,
-    CompletionRequest,
-)
-from server.render import DONE, ChoiceResult, ChunkWriter, Kind, sbon_info
+from server.planning import AnyRequest, Draft, Plan, Planner, ServingRuntime
+from server.render import DONE, ChoiceResult, ChunkWriter, response_body, sbon_info
+from server.stopping import AbortSignal, ClientGone, StopSignal, cancel_all
+
+__all__ = ["Admission", "AnyRequest", "CompletionService", "Plan", "ServingRuntime"]
 
 logger = logging.getLogger(__name__)
 
-AnyRequest = CompletionRequest | ChatCompletionRequest
-
-
-class ServingBackend(Protocol):
-    """What the server needs of the engine beyond the soft best-of-n loop."""
-
-    max_model_len: int
-
-    def encode_prompt(self, prompt: Prompt) -> list[int]: ...
-
-    def num_unfinished_requests(self) -> int: ...
-
-
-class ServingRuntime(Protocol):
-    """A started engine with its rewards (``engine.runtime.Runtime`` or a test double)."""
-
-    @property
-    def sbon(self) -> SBoNEngine: ...
-
-    @property
-    def backend(self) -> ServingBackend: ...
-
-    async def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A validated request, ready to run."""
-
-    kind: Kind
-    request_id: str
-    prompts: list[Prompt]
-    prompt_ids: list[list[int]]
-    params: SBoNParams
-    sampling: SamplingSettings
-    choices_per_prompt: int
-    show_sbon: bool
-    return_candidates: bool
-    include_usage: bool
-    arrived: float
-    deadline: float  # event-loop time by which the whole request must be answered
-    candidates: int  # prompts x n x sbon.n: what admission counts
-    log: bool = True  # False: the request opted out of the distillation log (sbon.log)
-
-    def slots(self) -> list[tuple[int, int]]:
-        """(choice index, prompt index) of every returned choice, in OpenAI's order."""
-        return [(p * self.choices_per_prompt + c, p) for p in range(len(self.prompts))
-                for c in range(self.choices_per_prompt)]
+CLIENT_CLOSED_REQUEST = 499  # the client went away before the response (nginx's code)
+StreamItem = BlockEvent | TextEvent | SBoNResult | BaseException
 
 
 class Admission:
@@ -104,7 +46,9 @@ class Admission:
 
     A request costs prompts x n x sbon.n candidates; it is admitted when both the request
     count and the candidate count stay within their caps, else refused at once with 429
-    (no queueing), so one large request takes its share and no more.
+    (no queueing), so one large request takes its share and no more. A request holds its
+    slot from before its prompts are tokenised until its response is complete, so the
+    tokenizer's queue is bounded by the request cap too.
     """
 
     def __init__(self, max_requests: int, max_candidates: int, metrics: Metrics) -> None:
@@ -141,128 +85,94 @@ class Admission:
         self._metrics.candidates_in_flight.set(self.candidates)
 
 
-@dataclass
-class AbortSignal:
-    """A server-wide "stop now" with the error every request still running answers with."""
-
-    reason: APIError | None = None
-    event: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def trigger(self, reason: APIError) -> None:
-        if self.reason is None:
-            self.reason = reason
-            self.event.set()
-
-
 class CompletionService:
-    """Plans and runs completion and chat completion requests over a started runtime."""
+    """Serves completion and chat completion requests; built once when the app is built.
 
-    def __init__(self, config: AppConfig, runtime: ServingRuntime, metrics: Metrics,
-                 encoder: Executor | None = None, datalog: DataLog | None = None) -> None:
+    ``runtime`` returns the started runtime or raises the 503 that says why there is none;
+    ``draining`` says whether a shutdown is under way; ``abort`` stops every request.
+    """
+
+    def __init__(self, config: AppConfig, metrics: Metrics, admission: Admission,
+                 abort: AbortSignal, runtime: Callable[[], ServingRuntime],
+                 draining: Callable[[], bool], encoder: Executor | None = None) -> None:
         self.config = config
-        self.runtime = runtime
         self.metrics = metrics
-        self.encoder = encoder  # where prompts are tokenised (None: asyncio's default pool)
-        self.datalog = datalog  # the distillation log, when enabled
+        self.admission = admission
+        self.abort = abort
+        self.planner = Planner(config, encoder)
+        self.datalog: DataLog | None = None  # the distillation log, set when it starts
+        self._runtime = runtime
+        self._draining = draining
 
-    # --- planning ------------------------------------------------------------------------
+    # --- a request's life ------------------------------------------------------------------
 
-    async def plan(self, request: AnyRequest, request_id: str, arrived: float,
-                   deadline: float) -> Plan:
-        """Validate a request against the server's policy and tokenise its prompts.
-
-        Counts and characters are checked first (server/limits.py), so that tokenising,
-        which runs in a worker thread, only ever sees bounded input.
-        """
-        self._check_model(request.model)
-        _refuse_unsupported(request)
-        limits = self.config.limits
-        check_request_size(request, limits)
-        params = self._params(request)
-        kind: Kind = "chat" if isinstance(request, ChatCompletionRequest) else "completion"
-        prompts = _prompts(request)
-        candidates = len(prompts) * request.n * params.n
-        if candidates > limits.max_candidates_in_flight:
-            raise InvalidRequest(
-                f"{len(prompts)} prompts x n = {request.n} x sbon.n = {params.n} make "
-                f"{candidates} candidates; the server runs at most "
-                f"{limits.max_candidates_in_flight} at once", "sbon.n", "limit_exceeded")
-        prompt_ids = await self._encode(prompts)
-        max_tokens = self._max_tokens(request, max(len(ids) for ids in prompt_ids))
-        if params.block_size is not None:
-            blocks = math.ceil(max_tokens / params.block_size)
-            if blocks > limits.max_blocks:
-                raise InvalidRequest(
-                    f"{max_tokens} tokens in blocks of {params.block_size} make {blocks} blocks; "
-                    f"the maximum is {limits.max_blocks}", "sbon.block_size", "limit_exceeded")
-        sampling = SamplingSettings(
-            temperature=request.temperature, top_p=request.top_p, top_k=max(0, request.top_k),
-            presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty, max_tokens=max_tokens,
-            stop=request.stop_list(), seed=request.seed)
-        options = request.sbon
-        return Plan(
-            kind=kind, request_id=request_id, prompts=prompts, prompt_ids=prompt_ids,
-            params=params, sampling=sampling, choices_per_prompt=request.n,
-            show_sbon=options is not None or self.config.sbon.enabled,
-            return_candidates=bool(options and options.return_candidates),
-            include_usage=bool(request.stream_options and request.stream_options.include_usage),
-            arrived=arrived, deadline=deadline, candidates=candidates,
-            log=not (options is not None and options.log is False))
-
-    async def _encode(self, prompts: list[Prompt]) -> list[list[int]]:
-        """Token ids of every prompt, computed in a worker thread (chat templates and
-        tokenizers take milliseconds per prompt; the event loop must not wait on them)."""
-        backend = self.runtime.backend
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.encoder, lambda: [backend.encode_prompt(p) for p in prompts])
-
-    def _check_model(self, model: str) -> None:
-        served = self.config.model.public_name
-        if model != served:
-            raise NotFound(f"The model '{model}' does not exist; this server serves '{served}'.",
-                           "model", "model_not_found")
-
-    def _params(self, request: AnyRequest) -> SBoNParams:
-        options = request.sbon
+    async def serve(self, body: AnyRequest, request: Request) -> Response:
+        """Answer one request: checks, admission, plan, then the streaming or plain path."""
         try:
-            params = resolve_params(self.config.sbon,
-                                    options.overrides() if options is not None else None)
-        except SettingsError as exc:
-            raise InvalidRequest(str(exc), f"sbon.{exc.param}", "invalid_value") from exc
-        # Step-aligned blocks can be short: the number of selections is bounded in the loop.
-        params = replace(params, max_blocks=self.config.limits.max_blocks)
-        if params.n > self.config.limits.max_candidates:
-            raise InvalidRequest(f"sbon.n must be at most {self.config.limits.max_candidates}",
-                                 "sbon.n", "limit_exceeded")
-        self.runtime.sbon.scorer_for(params.reward)  # 404 for an unknown reward, before any work
-        return params
+            runtime = self._runtime()  # 503 while loading, draining, or with a dead engine
+            draft = self.planner.draft(body, runtime)
+            release = self.admission.acquire(draft.candidates)  # 429 before tokenising
+        except Exception as exc:
+            raise to_api_error(exc) from exc
+        arrived: float = request.state.arrived  # event-loop time (server/middleware.py)
+        deadline = arrived + self.config.limits.request_timeout_s  # the one clock: the loop's
+        stop = StopSignal(deadline, self.abort, request.receive, self._draining)
 
-    def _max_tokens(self, request: AnyRequest, prompt_len: int) -> int:
-        limits, context = self.config.limits, self.runtime.backend.max_model_len
-        param = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) \
-            else "max_tokens"
-        room = context - prompt_len
-        if room < 1:
-            raise InvalidRequest(
-                f"The prompt has {prompt_len} tokens; this model's context is {context} tokens.",
-                "messages" if isinstance(request, ChatCompletionRequest) else "prompt",
-                "context_length_exceeded")
-        wanted = request.requested_max_tokens()
-        if wanted is None:
-            return min(limits.max_tokens, room)
-        if wanted > limits.max_tokens:
-            raise InvalidRequest(f"{param} must be at most {limits.max_tokens}", param,
-                                 "limit_exceeded")
-        if wanted > room:
-            raise InvalidRequest(
-                f"This model's maximum context length is {context} tokens. However, you "
-                f"requested {prompt_len + wanted} tokens ({prompt_len} in the prompt, {wanted} "
-                "for the completion).", param, "context_length_exceeded")
-        return wanted
+        async def finish() -> None:
+            await stop.close()
+            release()
+            loop_time = asyncio.get_running_loop().time()
+            self.metrics.phase_seconds.labels("total").observe(loop_time - arrived)
+
+        planning = self.planner.plan(draft, runtime, request.state.request_id, arrived, deadline)
+        return await self._admitted(draft, planning, runtime, stop, finish,
+                                    request.state.request_id)
+
+    async def _admitted(self, draft: Draft, planning: Awaitable[Plan], runtime: ServingRuntime,
+                        stop: StopSignal, finish: Callable[[], Awaitable[None]],
+                        request_id: str) -> Response:
+        """The admitted part of :meth:`serve`; ``finish`` runs once the response is done."""
+        streaming = False
+        try:
+            plan = await stop.guard(planning)
+            if draft.request.stream:
+                streaming = True  # the stream's end finishes the request
+                return EventStream(self.stream(plan, runtime, stop), finish,
+                                   self.config.limits.send_timeout_s, plan.request_id)
+            choices = await stop.guard(self.complete(plan, runtime))
+        except ClientGone:
+            logger.info("client disconnected; its engine requests were aborted",
+                        extra={"request_id": request_id})
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        except Exception as exc:  # mapped once here; unexpected ones are logged with traceback
+            raise to_api_error(exc) from exc
+        finally:
+            if not streaming:
+                await finish()
+        return JSONResponse(response_body(plan.kind, plan.response_id, plan.created,
+                                          plan.model, choices, plan.show_sbon,
+                                          plan.return_candidates))
 
     # --- running -------------------------------------------------------------------------
+
+    async def complete(self, plan: Plan, runtime: ServingRuntime) -> list[ChoiceResult]:
+        """Run every choice concurrently; the first failure cancels the others."""
+        self._observe_queue(plan)
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._run_choice(plan, runtime, c, p))
+                         for c, p in plan.slots()]
+        except BaseExceptionGroup as group_error:
+            raise first_error(group_error) from None
+        return [t.result() for t in tasks]
+
+    async def _run_choice(self, plan: Plan, runtime: ServingRuntime, choice: int,
+                          prompt_index: int) -> ChoiceResult:
+        result = await runtime.sbon.run(
+            plan.prompts[prompt_index], plan.params, self._sampling_for(plan, choice),
+            self._engine_id(plan, choice), plan.prompt_ids[prompt_index])
+        self.observe(plan, result, choice)
+        return ChoiceResult(choice, prompt_index, result)
 
     def _sampling_for(self, plan: Plan, choice: int) -> SamplingSettings:
         # Per prompt: a batch of prompts with one seed answers each as a single request would.
@@ -276,22 +186,9 @@ class CompletionService:
         # Unique even when a client reuses its X-Request-Id for concurrent requests.
         return f"{plan.request_id}.{uuid.uuid4().hex[:8]}.c{choice}"
 
-    async def _run_choice(self, plan: Plan, choice: int, prompt_index: int) -> ChoiceResult:
-        result = await self.runtime.sbon.run(
-            plan.prompts[prompt_index], plan.params, self._sampling_for(plan, choice),
-            self._engine_id(plan, choice), plan.prompt_ids[prompt_index])
-        self.observe(plan, result, choice)
-        return ChoiceResult(choice, prompt_index, result)
-
-    async def complete(self, plan: Plan) -> list[ChoiceResult]:
-        """Run every choice concurrently; the first failure cancels the others."""
-        self.metrics.phase_seconds.labels("queue").observe(time.perf_counter() - plan.arrived)
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._run_choice(plan, c, p)) for c, p in plan.slots()]
-        except BaseExceptionGroup as group_error:
-            raise first_error(group_error) from None
-        return [t.result() for t in tasks]
+    def _observe_queue(self, plan: Plan) -> None:
+        waited = asyncio.get_running_loop().time() - plan.arrived
+        self.metrics.phase_seconds.labels("queue").observe(waited)
 
     def observe(self, plan: Plan, result: SBoNResult, choice: int = 0) -> None:
         """Per-choice metrics: phases, tokens, candidates, reward and distortion; the
@@ -304,6 +201,9 @@ class CompletionService:
         m.selections.inc(len(result.blocks))
         m.generated_tokens.inc(result.tokens_generated)
         m.scored_tokens.inc(result.tokens_scored)
+        m.computed_tokens.inc(result.tokens_computed)
+        if result.pruning is not None:
+            m.pruned_candidates.labels(result.pruning.mode).inc(result.pruning.pruned)
         m.completion_tokens.inc(result.completion_tokens)
         m.prompt_tokens.inc(result.prompt_tokens)
         for stage, prefill in (("generation", result.prefill_generation),
@@ -323,54 +223,65 @@ class CompletionService:
             return
         self.datalog.submit(functools.partial(
             build_record, request_id=plan.request_id, logged_at=time.time(),
-            model=self.config.model.public_name,
-            prompt=plan.prompts[choice // plan.choices_per_prompt],
+            model=plan.model, prompt=plan.prompts[choice // plan.choices_per_prompt],
             sampling=self._sampling_for(plan, choice), result=result))
 
     # --- streaming -----------------------------------------------------------------------
 
-    async def stream(self, plan: Plan, writer: ChunkWriter,
-                     abort: AbortSignal | None = None) -> AsyncIterator[str]:
+    async def stream(self, plan: Plan, runtime: ServingRuntime,
+                     stop: StopSignal) -> AsyncGenerator[str, None]:
         """SSE frames: each chosen block as soon as it is selected, then usage and [DONE].
 
-        Past the deadline, or on a server-wide abort, the stream ends with an error frame
-        and [DONE], and the runs are cancelled.
+        When the request must stop (deadline, server abort) the stream ends with an error
+        frame and [DONE]; when its client left, it just ends. Either way the runs are
+        cancelled, which aborts their engine requests.
         """
-        self.metrics.phase_seconds.labels("queue").observe(time.perf_counter() - plan.arrived)
-        queue: asyncio.Queue[tuple[int, BlockEvent | SBoNResult | BaseException | None]] = \
-            asyncio.Queue()
-        tasks = [asyncio.create_task(self._feed(plan, c, p, queue)) for c, p in plan.slots()]
-        tasks.append(asyncio.create_task(_interrupt(plan.deadline, abort, queue)))
-        finished: list[ChoiceResult] = []
-        prompt_of = dict(plan.slots())
+        self._observe_queue(plan)
+        writer = ChunkWriter(plan.kind, plan.response_id, plan.created, plan.model,
+                             plan.include_usage)
+        queue: asyncio.Queue[tuple[int, StreamItem]] = asyncio.Queue()
+        feeds = [asyncio.create_task(self._feed(plan, runtime, c, p, queue))
+                 for c, p in plan.slots()]
+        tasks = [*feeds, asyncio.create_task(_relay_stop(stop, queue))]
         try:
             for choice, _ in plan.slots():
                 opening = writer.opening(choice)
                 if opening:
                     yield opening
-            while len(finished) < len(tasks) - 1:  # the last task is the interrupter
-                choice, item = await queue.get()
-                if isinstance(item, BaseException):
-                    yield _stream_error(item)
-                    yield DONE
-                    return
-                if isinstance(item, BlockEvent | TextEvent):
-                    if item.text_delta:
-                        yield writer.text(choice, item.text_delta)
-                elif isinstance(item, SBoNResult):
-                    finished.append(ChoiceResult(choice, prompt_of[choice], item))
-                    sbon = sbon_info(item, plan.return_candidates) if plan.show_sbon else None
-                    yield writer.finish(choice, item, sbon)
-            if plan.include_usage:
-                yield writer.usage(finished)
-            yield DONE
+            async for frame in self._frames(plan, writer, queue, len(feeds)):
+                yield frame
         finally:
-            await _cancel(tasks)
+            await cancel_all(tasks)
 
-    async def _feed(self, plan: Plan, choice: int, prompt_index: int,
-                    queue: asyncio.Queue[tuple[int, Any]]) -> None:
+    async def _frames(self, plan: Plan, writer: ChunkWriter,
+                      queue: asyncio.Queue[tuple[int, StreamItem]],
+                      choices: int) -> AsyncIterator[str]:
+        """The frames after the openings, from the choices' events as they come."""
+        finished: list[ChoiceResult] = []
+        prompt_of = dict(plan.slots())
+        while len(finished) < choices:
+            choice, item = await queue.get()
+            if isinstance(item, ClientGone):
+                return  # nobody is left to tell
+            if isinstance(item, BaseException):
+                yield sse_error_frame(to_api_error(item))
+                yield DONE
+                return
+            if isinstance(item, BlockEvent | TextEvent):
+                if item.text_delta:
+                    yield writer.text(choice, item.text_delta)
+            else:
+                finished.append(ChoiceResult(choice, prompt_of[choice], item))
+                sbon = sbon_info(item, plan.return_candidates) if plan.show_sbon else None
+                yield writer.finish(choice, item, sbon)
+        if plan.include_usage:
+            yield writer.usage(finished)
+        yield DONE
+
+    async def _feed(self, plan: Plan, runtime: ServingRuntime, choice: int, prompt_index: int,
+                    queue: asyncio.Queue[tuple[int, StreamItem]]) -> None:
         try:
-            async for event in self.runtime.sbon.stream(
+            async for event in runtime.sbon.stream(
                     plan.prompts[prompt_index], plan.params, self._sampling_for(plan, choice),
                     self._engine_id(plan, choice), plan.prompt_ids[prompt_index],
                     token_stream=True):
@@ -383,82 +294,61 @@ class CompletionService:
             await queue.put((choice, exc))
 
 
-def _refuse_unsupported(request: AnyRequest) -> None:
-    for name in sorted(request.model_fields_set & UNSUPPORTED_FIELDS.keys()):
-        value = getattr(request, name)
-        if not _is_neutral(value, UNSUPPORTED_FIELDS[name]):
-            raise InvalidRequest(f"The parameter '{name}' is not supported by this server.",
-                                 name, "unsupported_parameter")
+async def _relay_stop(stop: StopSignal, queue: asyncio.Queue[tuple[int, StreamItem]]) -> None:
+    """Put the reason a stream must stop into its queue, when there is one."""
+    await queue.put((-1, await stop.wait()))
 
 
-def _is_neutral(value: Any, neutrals: Sequence[Any]) -> bool:
-    # ``type`` is compared too, so that 0 does not pass for False or 1 for True.
-    return any(value is n or (type(value) is type(n) and value == n) for n in neutrals)
+class SlowReader(Exception):
+    """A streaming client did not take a frame within ``limits.send_timeout_s``."""
 
 
-def _prompts(request: AnyRequest) -> list[Prompt]:
-    if isinstance(request, ChatCompletionRequest):
-        return [request.prompt()]
-    return list(request.prompts())
+class EventStream(Response):
+    """A request's event stream: its frames, sent each within ``send_timeout_s``; then
+    ``finish`` (the admission slot back, the stop signal closed) however it ended.
 
+    It does not listen for disconnects itself (Starlette's StreamingResponse would): the
+    request's stop signal does, for both paths. A client that stops reading is cut off.
+    """
 
-def _stream_error(exc: BaseException) -> str:
-    return sse_error_frame(to_api_error(exc))
+    media_type = "text/event-stream"
 
+    def __init__(self, frames: AsyncGenerator[str, None], finish: Callable[[], Awaitable[None]],
+                 send_timeout_s: float, request_id: str) -> None:
+        # No body and so no Content-Length: the frames follow as they are made.
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache"})
+        self._frames = frames
+        self._finish = finish
+        self._send_timeout_s = send_timeout_s
+        self._request_id = request_id
 
-async def _cancel(tasks: Sequence[asyncio.Task[Any]]) -> None:
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(BaseException):
-            await task
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._send_all(send)
+        except SlowReader:
+            # Nothing more can reach this client; returning unfinished closes the connection.
+            logger.warning("a streaming client stopped reading; its request was stopped",
+                           extra={"request_id": self._request_id,
+                                  "send_timeout_s": self._send_timeout_s})
+        except OSError:
+            pass  # the client is gone (uvicorn raises on send); its stop signal saw it too
+        finally:
+            await self._frames.aclose()  # cancels the runs: their engine requests abort
+            await self._finish()
 
+    async def _send_all(self, send: Send) -> None:
+        await self._send(send, {"type": "http.response.start", "status": self.status_code,
+                                "headers": self.raw_headers})
+        async for frame in self._frames:
+            await self._send(send, {"type": "http.response.body", "body": frame.encode(),
+                                    "more_body": True})
+        await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
 
-async def _interrupt(deadline: float, abort: AbortSignal | None,
-                     queue: asyncio.Queue[tuple[int, Any]]) -> None:
-    """Put the error that ends a stream early into its queue: past the deadline, or abort."""
-    try:
-        async with asyncio.timeout_at(deadline):
-            if abort is None:
-                await asyncio.Event().wait()
-            else:
-                await abort.event.wait()
-    except TimeoutError:
-        await queue.put((-1, request_timed_out()))
-        return
-    assert abort is not None and abort.reason is not None
-    await queue.put((-1, abort.reason))
-
-
-def request_timed_out() -> DeadlineExceeded:
-    return DeadlineExceeded("The request did not finish within the server's time limit "
-                            "(limits.request_timeout_s); its work was stopped.", None,
-                            "request_timeout")
-
-
-async def supervise(work: Awaitable[Any], is_disconnected: Callable[[], Awaitable[bool]],
-                    deadline: float, abort: AbortSignal | None = None,
-                    poll_s: float = 0.25) -> Any:
-    """Await ``work``; cancel it (and so its engine requests) if the client goes away
-    (:class:`ClientGone`), past ``deadline`` (504) or on a server-wide abort (its error)."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            left = deadline - loop.time()
-            if left <= 0:
-                raise request_timed_out()
-            done, _ = await asyncio.wait({task}, timeout=min(poll_s, left))
-            if done:
-                return task.result()
-            if abort is not None and abort.reason is not None:
-                raise abort.reason
-            if await is_disconnected():
-                raise ClientGone()
-    finally:
-        if not task.done():
-            await _cancel([task])
-
-
-class ClientGone(Exception):
-    """The client disconnected before its response was ready."""
+    async def _send(self, send: Send, message: Message) -> None:
+        try:
+            async with asyncio.timeout(self._send_timeout_s):
+                await send(message)
+        except TimeoutError:
+            raise SlowReader() from None

@@ -46,7 +46,14 @@ def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def engine_config(model_cache_dir: Path) -> AppConfig:
-    """The embedded model with the judge (default) and a rule-based reward."""
+    """The embedded model with the judge (default) and a rule-based reward, or the file
+    named by $SBON_TEST_CONFIG (scripts/gpu-check.sh: a real policy and reward model; it
+    keeps the rewards ``judge`` and ``length`` the tests use)."""
+    configured = os.environ.get("SBON_TEST_CONFIG")
+    if configured:
+        from common.config import load_config
+
+        return load_config(configured, [])
     return AppConfig(
         model={"name": "embedded", "cache_dir": str(model_cache_dir)},
         engine={"max_model_len": 1024, "kv_cache_gib": 1},

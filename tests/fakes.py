@@ -7,10 +7,11 @@ import dataclasses
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from common.prompts import Prompt, prompt_as_text
 from engine.sbon import SBoNEngine
-from engine.types import Candidate, SamplingSettings
+from engine.types import Candidate, PrefillTokens, SamplingSettings
 
 
 @dataclass
@@ -67,6 +68,10 @@ class FakeBackend:
     delay_s: float = 0.0  # simulated generation time per call
     running: set[str] = field(default_factory=set)  # request ids inside generate() now
     sampling_seen: list[SamplingSettings] = field(default_factory=list)
+    dead: BaseException | None = None  # set it to make the engine die
+    chunk: int = 1  # sample_one: tokens per output
+    token_delay_s: float = 0.0  # sample_one: pause before each output
+    aborted: list[str] = field(default_factory=list)  # sample_one requests cancelled
 
     async def generate(self, prompt_token_ids: Sequence[int], n: int, sampling: SamplingSettings,
                        max_tokens: int, request_id: str, seed: int | None) -> list[Candidate]:
@@ -99,12 +104,46 @@ class FakeBackend:
                 yield word + " "
         yield candidate
 
+    async def sample_one(self, prompt_token_ids: Sequence[int], sampling: SamplingSettings,
+                         max_tokens: int, request_id: str, seed: int | None, *,
+                         on_output: Callable[[Sequence[int], PrefillTokens], None],
+                         prefilled: asyncio.Event | None = None) -> Candidate:
+        """One sample (the candidate ``generate(n=1)`` gives for ``seed``), reported
+        ``chunk`` tokens at a time, ``token_delay_s`` apart; cancelling it records an abort."""
+        call = Call(list(prompt_token_ids), 1, max_tokens, request_id, seed)
+        self.calls.append(call)
+        self.sampling_seen.append(sampling)
+        candidate = stop_at_stop_strings(self._candidate(call, 0), sampling.stop)
+        prefill = PrefillTokens(len(prompt_token_ids), 0)
+        self.running.add(request_id)
+        try:
+            for start in range(0, max(1, candidate.num_tokens), self.chunk):
+                await asyncio.sleep(self.token_delay_s)
+                on_output(candidate.token_ids[start:start + self.chunk], prefill)
+        except asyncio.CancelledError:
+            self.aborted.append(request_id)
+            raise
+        finally:
+            self.running.discard(request_id)
+        return dataclasses.replace(candidate, prefill=prefill)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return "".join(word(t) for t in token_ids)
+
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         # Three tokens, plus one per word beyond the first three (so length limits can bite).
         return [1, 2, 3] + [4] * max(0, len(prompt_as_text(prompt).split()) - 3)
 
     def num_unfinished_requests(self) -> int:
         return len(self.running)
+
+    @property
+    def ready(self) -> bool:
+        return self.dead is None
+
+    @property
+    def dead_error(self) -> BaseException | None:
+        return self.dead
 
 
 @dataclass
@@ -114,6 +153,14 @@ class FakeScorer:
     fn: Callable[[str], float] = len
     name: str = "fake"
     seen: list[tuple[str, str]] = field(default_factory=list)
+    timeout_s: float = 120.0
+    alive: bool = True  # False: the scorer died (``healthy`` turns False)
+    # -inf is a failure unless a subclass declares it means "never choose".
+    never_choose_negative_infinity: ClassVar[bool] = False
+
+    @property
+    def healthy(self) -> bool:
+        return self.alive
 
     async def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         self.seen += [(prompt_as_text(p), r) for p, r in zip(prompts, responses, strict=True)]

@@ -92,3 +92,28 @@ def build_tiny_prm(folder: Path, head: str = "causal", hidden_size: int = 32,
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def build_tiny_generator(folder: Path, tokenizer_folder: Path, heads: int = 4,
+                         kv_heads: int = 2, head_dim: int = 64, layers: int = 2) -> Path:
+    """Write a ``LlamaForCausalLM`` with ``heads`` attention heads of ``head_dim`` (the CPU
+    attention kernel refuses 16; 64 works) and the tokenizer and chat template of
+    ``tokenizer_folder`` (the embedded model's), so tensor parallelism has heads to split.
+    The weights are random but fixed (seed 0), so seeded outputs can be compared."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    hidden = heads * head_dim
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden,
+                         intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         head_dim=head_dim, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -36,7 +36,7 @@ SBON_BLOCKWISE_TYPES: dict[str, type | tuple[type, ...]] = {
     "scored": bool, "blocks": list, "rewards": list, "weights": list, "ess": float,
     "kl_from_uniform": float, "kl_bon_bound": float, "kl_estimate": float,
     "win_rate_bound": float, "tokens_generated": int, "tokens_scored": int,
-    "tokens_prefilled": dict, "tokens_cached": dict, "timings_s": dict,
+    "tokens_computed": int, "tokens_prefilled": dict, "tokens_cached": dict, "timings_s": dict,
     "kl_budget": type(None), "lambdas": list, "block_delimiter": type(None),
 }
 BLOCK_TYPES: dict[str, type | tuple[type, ...]] = {

@@ -138,3 +138,38 @@ async def test_run_uses_the_scoring_thread() -> None:
     finally:
         await worker.close()
     assert score.threads == {name}
+
+
+async def test_a_device_error_that_sticks_fails_the_batch_and_marks_the_worker_dead() -> None:
+    import torch
+
+    calls: list[list[str]] = []
+
+    def broken_device(items: list[str]) -> list[float]:
+        calls.append(list(items))
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    worker: BatchWorker[str] = BatchWorker("rm", 50, broken_device)
+    worker.start()
+    try:
+        assert worker.healthy
+        results = await asyncio.gather(worker.submit(["a"]), worker.submit(["b"]),
+                                       return_exceptions=True)
+        assert all(isinstance(r, RewardError) for r in results)
+        assert calls == [["a", "b"]]  # no retry one by one: the device is gone for all
+        assert not worker.healthy
+        with pytest.raises(RewardError, match="device failed"):
+            await worker.submit(["later"])
+    finally:
+        await worker.close()
+
+
+async def test_an_ordinary_model_error_leaves_the_worker_healthy() -> None:
+    worker = await started(Recorder(), batch_wait_ms=0)
+    try:
+        with pytest.raises(RewardError):
+            await worker.submit(["poison"])
+        assert worker.healthy
+        assert await worker.submit(["ok"]) == [2.0]
+    finally:
+        await worker.close()

@@ -74,3 +74,21 @@ async def test_generate_refuses_a_non_positive_candidate_count(
     with pytest.raises(ValueError, match="positive"):
         await generate("--n", "0")
     assert runtime.backend.calls == []
+
+
+async def test_generate_with_particles_reports_resampling_per_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cli.report import render_text, result_to_dict
+
+    use_fake_runtime(monkeypatch)
+    result = await generate("--n", "4", "--block-size", "2", "--particles",
+                            "--ess-threshold", "1.0", "--lam", "0.5")
+    assert result.params.particles and result.params.ess_threshold == 1.0
+    blocks = result_to_dict(result)["blocks"]
+    assert len(blocks) == 2 and all("resampled" in b and "ancestors" in b for b in blocks)
+    # Threshold 1: any unequal weights after the first block trigger resampling.
+    assert blocks[0]["resampled"] == (blocks[0]["ess"] < 4 - 1e-9)
+    assert "particles: ESS per block" in render_text(result)
+    with pytest.raises(ValueError, match="blockwise"):
+        await generate("--n", "4", "--particles")

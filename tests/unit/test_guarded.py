@@ -84,10 +84,8 @@ async def test_engine_errors_pass_through_and_bugs_stay_bugs() -> None:
 
 
 def test_the_configured_timeout_reaches_the_guard() -> None:
-    scorer = FakeScorer()
-    scorer.timeout_s = 3.5  # type: ignore[attr-defined]
-    assert GuardedScorer(scorer).timeout_s == 3.5
-    assert GuardedScorer(FakeScorer()).timeout_s > 0
+    assert GuardedScorer(FakeScorer(timeout_s=3.5)).timeout_s == 3.5
+    assert GuardedScorer(FakeScorer(timeout_s=3.5), timeout_s=0.5).timeout_s == 0.5
 
 
 finite = st.floats(min_value=-50, max_value=50, allow_nan=False)
@@ -129,8 +127,9 @@ async def test_a_failed_hf_batch_is_retried_request_by_request() -> None:
         return [float(len(i.full)) for i in items]
 
     scorer._score_items = score_items  # type: ignore[method-assign]
-    scorer.format = lambda p, r: f"{p}|{r}"  # type: ignore[method-assign]
-    scorer.format_prefix = lambda p: f"{p}|"  # type: ignore[method-assign]
+    scorer._encode_pairs = lambda prompts, responses: (  # type: ignore[method-assign]
+        [_Item((), f"{p}|{r}") for p, r in zip(prompts, responses, strict=True)],  # type: ignore[arg-type]
+        False)
     scorer._batcher.start()
     try:
         good, bad = await asyncio.gather(scorer.score(["q"], ["fine"]),

@@ -16,12 +16,15 @@ DOCKER = REPO_ROOT / "docker"
 
 
 @pytest.mark.parametrize("environ", [{"SBON_SERVER__API_KEY": ""},
-                                     {"SBON_SERVER__API_KEY": "   "}])
+                                     {"SBON_SERVER__API_KEY": "   "},
+                                     {"SBON_SERVER__API_KEY": "null"}])
 def test_an_empty_api_key_is_a_configuration_error(environ: dict[str, str]) -> None:
-    with pytest.raises(ValidationError, match="api_key is empty"):
+    with pytest.raises(ValueError, match="SBON_SERVER__API_KEY is set but"):
         load_config(None, environ=environ)
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValueError, match="--set server.api_key is set but empty"):
         load_config(None, ["server.api_key="], environ={})
+    with pytest.raises(ValidationError, match="api_key is empty"):
+        ServerConfig(api_key="  ")
 
 
 def test_an_api_key_from_the_environment_is_kept_secret() -> None:

@@ -1,0 +1,76 @@
+"""The ``--prune-*`` options of ``sbon eval``: measure one pruning rule (bench/prune_eval.py)
+instead of the n and lambda grid; writes prune.json, prune.md and reward_vs_tokens.png."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.files import atomic_path, write_atomic
+
+
+def add_prune_eval_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "pruning", "with --prune-mode: replay one pruning rule on unpruned requests (exact "
+        "distortion, tokens saved, rank correlation) at n = --soft-n, lambda = --prune-lam")
+    group.add_argument("--prune-mode", choices=("rank", "bound"))
+    group.add_argument("--prune-every", type=int, help="tokens between checkpoints (16)")
+    group.add_argument("--prune-keep", type=float, help="rank: fraction kept per checkpoint")
+    group.add_argument("--prune-epsilon", type=float, help="bound: distortion budget")
+    group.add_argument("--prune-min-keep", type=int, help="never fewer candidates than this")
+    group.add_argument("--prune-lam", type=float, default=1.0, help="selection lambda (1.0)")
+
+
+def prune_settings(args: argparse.Namespace) -> Any:
+    """The validated rule (a ValueError names a bad option)."""
+    from common.prune import PruneSettings
+
+    values = {"every": args.prune_every, "keep": args.prune_keep,
+              "epsilon": args.prune_epsilon, "min_keep": args.prune_min_keep}
+    return PruneSettings(mode=args.prune_mode,
+                         **{k: v for k, v in values.items() if v is not None})
+
+
+def prune_eval_command(args: argparse.Namespace, load_app_config: Callable[..., Any]) -> int:
+    from bench.promptset import load_prompts
+    from bench.prune_eval import PruneEvalSettings, markdown_summary, reward_vs_tokens_chart
+
+    prompts = load_prompts(args.prompts_file, args.prompts)
+    settings = PruneEvalSettings(prune=prune_settings(args), n=args.soft_n, lam=args.prune_lam,
+                                 max_tokens=args.max_tokens, prompts=len(prompts),
+                                 seed=args.seed, reward=args.reward)
+    if settings.n < 2:
+        raise ValueError("--soft-n must be at least 2 to prune")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(prompts), desc="eval prune", file=sys.stderr, unit="prompt")
+    report = asyncio.run(_run(load_app_config(args), prompts, settings, bar.update))
+    bar.close()
+    text = markdown_summary(report)
+    write_atomic(out / "prune.json", json.dumps(report.to_dict(), indent=2))
+    write_atomic(out / "prune.md", text + "\n")
+    with atomic_path(out / "reward_vs_tokens.png") as chart:
+        reward_vs_tokens_chart(report, chart)
+    print(text)
+    print(f"\nwritten: {out / 'prune.json'}, {out / 'prune.md'}, "
+          f"{out / 'reward_vs_tokens.png'}")
+    return 0
+
+
+async def _run(config: Any, prompts: Any, settings: Any, tick: Any) -> Any:
+    from bench.prune_eval import run_prune_eval
+    from engine.runtime import start_runtime
+
+    runtime = await start_runtime(config)
+    try:
+        runtime.sbon.check_prune(settings.params(True))
+        return await run_prune_eval(runtime, prompts, settings, tick)
+    finally:
+        await runtime.close()

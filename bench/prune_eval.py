@@ -1,0 +1,307 @@
+"""``sbon eval --prune-mode``: what early pruning costs in distortion and saves in tokens.
+
+Per prompt, one seeded request runs unpruned (every candidate to the end, every final
+reward) and one runs with pruning, on the same seeds. The pruning rule is then replayed
+offline on the unpruned candidates (engine/pruned.py :func:`replay`, the same decisions the
+online run takes, which is checked), so its distortion is exact: the total variation between
+the pruned and unpruned selection is the unpruned weight of the pruned candidates
+(docs/maths.md, pruning). The first k of the n unpruned candidates are what an unpruned
+request with k candidates draws: the "use fewer candidates" curve, on the same samples.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.promptset import PromptItem
+from common.prune import PruneSettings
+from common.values import json_number
+from engine.pruned import Checkpointer, replay, view_at
+from engine.pruning import Pruner, checkpoints, pruned_mass
+from engine.seeds import run_seed
+from engine.selection import selection_weights
+from engine.types import Candidate, SamplingSettings, SBoNParams, SBoNResult
+
+PRUNE_STREAM = 3  # seeds of their own, apart from the pool's and blockwise runs'
+Z95 = 1.959964
+
+
+@dataclass(frozen=True)
+class PruneEvalSettings:
+    """One pruning rule at one n and lambda, over a prompt set."""
+
+    prune: PruneSettings
+    n: int = 8
+    lam: float = 1.0
+    max_tokens: int = 48
+    prompts: int = 16
+    temperature: float = 1.0
+    seed: int = 0
+    reward: str | None = None
+    fewer: tuple[int, ...] = (1, 2, 4)  # the unpruned baselines with fewer candidates
+
+    def sampling(self, index: int) -> SamplingSettings:
+        return SamplingSettings(temperature=self.temperature, max_tokens=self.max_tokens,
+                                seed=run_seed(self.seed, index, PRUNE_STREAM))
+
+    def params(self, prune: bool) -> SBoNParams:
+        return SBoNParams(n=self.n, lam=self.lam, reward=self.reward,
+                          prune=self.prune if prune else None)
+
+
+@dataclass
+class PromptOutcome:
+    """One prompt's unpruned and pruned requests and the replay's exact figures."""
+
+    tv: float  # total variation between pruned and unpruned selection (pruned mass)
+    choice_pruned: bool  # the unpruned request's choice was among the pruned
+    agrees: bool  # the online run took the replay's decisions
+    pruned: int
+    reward_unpruned: float  # expected reward of the unpruned selection, sum w_i r_i
+    reward_pruned: float  # expected reward over the survivors (weights renormalised)
+    decoded_unpruned: int
+    decoded_pruned: int  # tokens the pruned candidates would have decoded, replayed
+    computed_unpruned: int  # tokens_computed of the real requests
+    computed_pruned: int
+    correlations: dict[int, float | None] = field(default_factory=dict)  # per checkpoint
+    fewer: dict[int, tuple[float, int]] = field(default_factory=dict)  # k -> reward, decoded
+
+
+def expected_reward(rewards: Sequence[float], lam: float,
+                    keep: Sequence[bool] | None = None) -> float:
+    """Sum of w_i r_i with w the selection weights over the kept candidates."""
+    kept = [i for i in range(len(rewards)) if keep is None or keep[i]]
+    weights = selection_weights([rewards[i] for i in kept], lam)
+    return sum(w * rewards[i] for w, i in zip(weights, kept, strict=True) if w > 0)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Rank correlation (average ranks for ties); None when either side is constant."""
+    rx, ry = _ranks(x), _ranks(y)
+    if len(x) < 3 or len(set(rx)) < 2 or len(set(ry)) < 2:
+        return None
+    return float(statistics.correlation(rx, ry))
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for k in range(start, end + 1):
+            ranks[order[k]] = (start + end) / 2
+        start = end + 1
+    return ranks
+
+
+def _candidates(result: SBoNResult) -> list[Candidate]:
+    return [Candidate(c.token_ids, c.text, c.cumulative_logprob, c.finish_reason,
+                      c.stop_reason) for c in result.final_block.candidates]
+
+
+def decoded_after_pruning(candidates: Sequence[Candidate], pruned_at: Sequence[int | None]
+                          ) -> int:
+    """Tokens decoded when each pruned candidate stops at its checkpoint."""
+    return sum(c.num_tokens if at is None else min(c.num_tokens, at)
+               for c, at in zip(candidates, pruned_at, strict=True))
+
+
+async def _correlations(checkpointer: Checkpointer, candidates: Sequence[Candidate],
+                        finals: Sequence[float], settings: PruneEvalSettings,
+                        decode: Callable[[Sequence[int]], str]) -> dict[int, float | None]:
+    """Per checkpoint: rank correlation of every candidate's partial reward (its final one
+    once finished) with its final reward."""
+    out: dict[int, float | None] = {}
+    for checkpoint in checkpoints(settings.prune.every, settings.max_tokens):
+        views = {i: view_at(c.token_ids, c, checkpoint, decode)
+                 for i, c in enumerate(candidates)}
+        running = {i: v for i, v in views.items() if not v.finished}
+        if not running:
+            break
+        partial = dict(enumerate(finals))
+        partial.update(await checkpointer.score(running))
+        out[checkpoint] = spearman([partial[i] for i in range(len(candidates))], finals)
+    return out
+
+
+async def evaluate_prompt(runtime: Any, item: PromptItem, index: int,
+                          settings: PruneEvalSettings) -> PromptOutcome:
+    """The unpruned and the pruned request of one prompt, and the replay on the former."""
+    sampling = settings.sampling(index)
+    full = await runtime.sbon.run(item.prompt, settings.params(False), sampling,
+                                  f"eval-prune-full-{index}")
+    online = await runtime.sbon.run(item.prompt, settings.params(True), sampling,
+                                    f"eval-prune-{index}")
+    key, _ = runtime.sbon.scorer_for(settings.reward)
+    scorer = runtime.sbon.scorers[key]
+    prompt_ids = runtime.backend.encode_prompt(item.prompt)
+    decode = runtime.backend.decode
+    candidates = _candidates(full)
+    finals = full.final_block.rewards
+    pruner = await replay(Checkpointer(Pruner(settings.prune, settings.n, settings.lam), scorer,
+                                       item.prompt, prompt_ids),
+                          candidates, settings.max_tokens, decode)
+    weights = selection_weights(finals, settings.lam)
+    keep = [at is None for at in pruner.pruned_at]
+    outcome = PromptOutcome(
+        tv=pruned_mass(weights, pruner.pruned_at),
+        choice_pruned=pruner.pruned_at[full.chosen_index] is not None,
+        agrees=online.pruning is not None and online.pruning.pruned_at == pruner.pruned_at,
+        pruned=sum(1 for k in keep if not k),
+        reward_unpruned=expected_reward(finals, settings.lam),
+        reward_pruned=expected_reward(finals, settings.lam, keep),
+        decoded_unpruned=sum(c.num_tokens for c in candidates),
+        decoded_pruned=decoded_after_pruning(candidates, pruner.pruned_at),
+        computed_unpruned=full.tokens_computed, computed_pruned=online.tokens_computed)
+    outcome.correlations = await _correlations(
+        Checkpointer(pruner, scorer, item.prompt, prompt_ids), candidates, finals, settings,
+        decode)
+    for k in settings.fewer:
+        if k < settings.n:
+            outcome.fewer[k] = (expected_reward(finals[:k], settings.lam),
+                                sum(c.num_tokens for c in candidates[:k]))
+    return outcome
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its normal 95 % interval."""
+    mean = statistics.fmean(values)
+    half = Z95 * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return mean, half
+
+
+@dataclass
+class PruneEvalReport:
+    settings: PruneEvalSettings
+    outcomes: list[PromptOutcome]
+
+    def summary(self) -> dict[str, Any]:
+        """Means with 95 % intervals over prompts; the cost curve; correlations."""
+        o = self.outcomes
+
+        def stat(values: Sequence[float]) -> dict[str, float]:
+            mean, half = mean_ci(values)
+            return {"mean": mean, "ci95": half}
+
+        checkpoints_seen = sorted({k for x in o for k in x.correlations})
+        curve = [{"label": f"unpruned n={k}", "n": k,
+                  "reward": stat([x.fewer[k][0] for x in o]),
+                  "decoded_tokens": stat([float(x.fewer[k][1]) for x in o])}
+                 for k in self.settings.fewer if k < self.settings.n]
+        curve.append({"label": f"unpruned n={self.settings.n}", "n": self.settings.n,
+                      "reward": stat([x.reward_unpruned for x in o]),
+                      "decoded_tokens": stat([float(x.decoded_unpruned) for x in o])})
+        curve.append({"label": f"pruned n={self.settings.n} ({self.settings.prune.mode})",
+                      "n": self.settings.n, "reward": stat([x.reward_pruned for x in o]),
+                      "decoded_tokens": stat([float(x.decoded_pruned) for x in o])})
+        return {
+            "prompts": len(o),
+            "tv": stat([x.tv for x in o]), "tv_max": max(x.tv for x in o),
+            "choice_pruned_rate": statistics.fmean(float(x.choice_pruned) for x in o),
+            "online_agrees_with_replay": sum(1 for x in o if x.agrees),
+            "pruned_per_request": stat([float(x.pruned) for x in o]),
+            "decoded_saved": 1 - sum(x.decoded_pruned for x in o) / max(
+                1, sum(x.decoded_unpruned for x in o)),
+            "computed_saved": 1 - sum(x.computed_pruned for x in o) / max(
+                1, sum(x.computed_unpruned for x in o)),
+            "computed_tokens": {"unpruned": stat([float(x.computed_unpruned) for x in o]),
+                                "pruned": stat([float(x.computed_pruned) for x in o])},
+            "rank_correlation": {str(k): _mean_defined([x.correlations.get(k) for x in o])
+                                 for k in checkpoints_seen},
+            "curve": curve,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        settings = asdict(self.settings)
+        settings["lam"] = json_number(self.settings.lam)
+        settings["prune"] = self.settings.prune.model_dump()
+        return {"settings": settings, "summary": self.summary(),
+                "per_prompt": [asdict(x) for x in self.outcomes]}
+
+
+def _mean_defined(values: Sequence[float | None]) -> float | None:
+    defined = [v for v in values if v is not None]
+    return statistics.fmean(defined) if defined else None
+
+
+async def run_prune_eval(runtime: Any, prompts: Sequence[PromptItem],
+                         settings: PruneEvalSettings,
+                         progress: Callable[[int], Any] | None = None) -> PruneEvalReport:
+    """Every prompt in turn (the two requests of a prompt run one after the other)."""
+    tick = progress or (lambda _: None)
+    outcomes = []
+    for index, item in enumerate(list(prompts)[: settings.prompts]):
+        outcomes.append(await evaluate_prompt(runtime, item, index, settings))
+        tick(1)
+    return PruneEvalReport(settings, outcomes)
+
+
+def markdown_summary(report: PruneEvalReport) -> str:
+    """The figures a reader needs, as Markdown."""
+    s, p = report.summary(), report.settings
+    knob = (f"keep {p.prune.keep:g}" if p.prune.mode == "rank"
+            else f"epsilon {p.prune.epsilon:g}")
+    rule = f"{p.prune.mode}, every {p.prune.every} tokens, {knob}, min_keep {p.prune.min_keep}"
+    lines = [
+        f"Pruning ({rule}) at n = {p.n}, lambda = {p.lam:g}, {s['prompts']} prompts, "
+        f"max_tokens {p.max_tokens}.",
+        "",
+        "| figure | value |", "|---|---|",
+        f"| TV(pruned, unpruned selection), mean ± 95 % | {s['tv']['mean']:.4f} ± "
+        f"{s['tv']['ci95']:.4f} (max {s['tv_max']:.4f}) |",
+        f"| unpruned choice was pruned | {s['choice_pruned_rate']:.3f} of requests |",
+        f"| online decisions equal to the replay | {s['online_agrees_with_replay']} of "
+        f"{s['prompts']} |",
+        f"| candidates pruned per request | {s['pruned_per_request']['mean']:.2f} |",
+        f"| decoded tokens saved (replay) | {100 * s['decoded_saved']:.1f} % |",
+        f"| computed tokens saved (real requests) | {100 * s['computed_saved']:.1f} % |",
+    ]
+    for k, rho in s["rank_correlation"].items():
+        lines.append(f"| rank correlation partial vs final at {k} tokens | "
+                     f"{'n/a' if rho is None else f'{rho:.3f}'} |")
+    lines += ["", "| selection | expected reward ± 95 % | decoded tokens |", "|---|---|---|"]
+    for row in s["curve"]:
+        lines.append(f"| {row['label']} | {row['reward']['mean']:.4f} ± "
+                     f"{row['reward']['ci95']:.4f} | {row['decoded_tokens']['mean']:.1f} |")
+    return "\n".join(lines)
+
+
+def reward_vs_tokens_chart(report: PruneEvalReport, path: Path) -> Path:
+    """Expected reward against decoded tokens per request, with 95 % intervals: unpruned
+    soft best-of-n at growing n (the "fewer candidates" curve) and the pruned rule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = report.summary()["curve"]
+    unpruned = [row for row in curve if row["label"].startswith("unpruned")]
+    pruned = [row for row in curve if not row["label"].startswith("unpruned")]
+    fig, axis = plt.subplots(figsize=(6.5, 4.5))
+    for rows, style, name in ((unpruned, "o-", "unpruned, n = 1, 2, 4, ..."),
+                              (pruned, "s", "pruned")):
+        axis.errorbar([r["decoded_tokens"]["mean"] for r in rows],
+                      [r["reward"]["mean"] for r in rows],
+                      yerr=[r["reward"]["ci95"] for r in rows],
+                      xerr=[r["decoded_tokens"]["ci95"] for r in rows], fmt=style,
+                      capsize=3, label=name)
+        for r in rows:
+            axis.annotate(r["label"], (r["decoded_tokens"]["mean"], r["reward"]["mean"]),
+                          fontsize=7, xytext=(4, -10), textcoords="offset points")
+    s = report.settings
+    axis.set_xlabel("decoded tokens per request (all candidates)")
+    axis.set_ylabel("expected reward of the selection")
+    axis.set_title(f"reward vs tokens: lambda={s.lam:g}, {len(report.outcomes)} prompts")
+    axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

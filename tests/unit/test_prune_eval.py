@@ -1,0 +1,81 @@
+"""The pruning measurement of ``sbon eval`` (bench/prune_eval.py) over the fakes."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from fakes import FakeBackend, FakeScorer, fake_runtime
+
+from bench.promptset import PromptItem
+from bench.prune_eval import (
+    PruneEvalSettings,
+    decoded_after_pruning,
+    expected_reward,
+    markdown_summary,
+    reward_vs_tokens_chart,
+    run_prune_eval,
+    spearman,
+)
+from common.prune import PruneSettings
+from engine.pruned import sample_seed
+from engine.types import Candidate, SamplingSettings
+
+
+class SampleByIndex(FakeBackend):
+    """``generate`` draws sample i as ``sample_one`` with seed + i: the seeds vLLM gives."""
+
+    async def generate(self, prompt_token_ids: Sequence[int], n: int, sampling: SamplingSettings,
+                       max_tokens: int, request_id: str, seed: int | None) -> list[Candidate]:
+        return [await self.sample_one(prompt_token_ids, sampling, max_tokens,
+                                      f"{request_id}-{i}", sample_seed(seed, i),
+                                      on_output=lambda ids, prefill: None) for i in range(n)]
+
+
+def mean_id(text: str) -> float:
+    words = text.split()
+    return sum(int(w[1:]) for w in words) / max(1, len(words))
+
+
+PROMPTS = [PromptItem(f"p{i}", f"prompt number {i}") for i in range(5)]
+
+
+def test_the_replay_is_exact_and_agrees_with_the_online_runs(tmp_path: Path) -> None:
+    runtime = fake_runtime(SampleByIndex(), {"r": FakeScorer(fn=mean_id)})
+    settings = PruneEvalSettings(prune=PruneSettings(mode="rank", every=4, keep=0.5), n=8,
+                                 lam=0.05, max_tokens=16, prompts=5)
+    report = asyncio.run(run_prune_eval(runtime, PROMPTS, settings))
+    summary = report.summary()
+    assert summary["online_agrees_with_replay"] == 5
+    for outcome in report.outcomes:
+        assert outcome.pruned == 7 and 0.0 <= outcome.tv <= 1.0
+        assert outcome.decoded_unpruned == 8 * 16
+        assert outcome.decoded_pruned == 16 + 4 * 4 + 2 * 8 + 12  # 8 -> 4 -> 2 -> 1
+        assert outcome.computed_pruned < outcome.computed_unpruned
+        assert set(outcome.correlations) == {4, 8, 12}
+    assert summary["decoded_saved"] == pytest.approx(1 - 60 / 128)
+    labels = [row["label"] for row in summary["curve"]]
+    assert labels == ["unpruned n=1", "unpruned n=2", "unpruned n=4", "unpruned n=8",
+                      "pruned n=8 (rank)"]
+    text = markdown_summary(report)
+    assert "TV(pruned, unpruned selection)" in text and "5 of 5" in text
+    assert reward_vs_tokens_chart(report, tmp_path / "chart.png").stat().st_size > 1000
+
+
+def test_expected_reward_over_survivors_and_decoded_tokens() -> None:
+    assert expected_reward([1.0, 0.0], math.inf) == 0.5
+    assert expected_reward([1.0, 0.0, 3.0], 0.0, keep=[True, True, False]) == 1.0
+    ids = (1, 2, 3, 4, 5)
+    candidates = [Candidate(ids, "", None, "length"), Candidate(ids[:3], "", None, "stop")]
+    assert decoded_after_pruning(candidates, [2, 4]) == 2 + 3
+    assert decoded_after_pruning(candidates, [None, None]) == 8
+
+
+def test_spearman_matches_known_values() -> None:
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, rel=1e-6)
+    assert spearman([1, 1, 1], [1, 2, 3]) is None
