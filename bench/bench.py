@@ -19,12 +19,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from bench.promptset import PromptItem
+from common.prune import PruneSettings
 from common.values import json_number
 from engine.seeds import run_seed
 from engine.selection import select
 from engine.types import SamplingSettings, SBoNParams
 
 PLAIN, PER_RESPONSE, NAIVE = "plain", "per-response", "naive"
+PRUNED = "pruned"  # per-response with sbon.prune (BenchSettings.prune)
 
 
 def blockwise(size: int) -> str:
@@ -45,9 +47,11 @@ class BenchSettings:
     temperature: float = 1.0
     reward: str | None = None
     naive: bool = True
+    prune: PruneSettings | None = None  # adds the pruned per-response method
 
     def methods(self) -> list[str]:
-        names = [PLAIN, PER_RESPONSE, *(blockwise(b) for b in self.block_sizes)]
+        pruned = [PRUNED] if self.prune is not None else []
+        names = [PLAIN, PER_RESPONSE, *pruned, *(blockwise(b) for b in self.block_sizes)]
         return [*names, NAIVE] if self.naive else names
 
     def sampling(self, prompt_index: int, method: str) -> SamplingSettings:
@@ -63,7 +67,8 @@ class BenchSettings:
 
     def params(self, method: str) -> SBoNParams:
         size = int(method.rsplit("-", 1)[1]) if method.startswith("blockwise-") else None
-        return SBoNParams(n=self.n, lam=self.lam, block_size=size, reward=self.reward)
+        return SBoNParams(n=self.n, lam=self.lam, block_size=size, reward=self.reward,
+                          prune=self.prune if method == PRUNED else None)
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,13 @@ class MethodRun:
         return {phase: statistics.fmean(getattr(s, f"{phase}_s") for s in self.samples)
                 for phase in ("generation", "scoring", "selection")}
 
+    @property
+    def computed_tokens(self) -> float:
+        """Mean tokens computed per request: decoded by every candidate, plus prompt tokens
+        computed (not cached) in generation and scoring (``tokens_computed``)."""
+        return statistics.fmean(s.generated_tokens + s.generation_computed + s.scoring_computed
+                                for s in self.samples)
+
     def prefill(self) -> dict[str, float]:
         """Mean prompt tokens per request, computed and cached, in generation and scoring."""
         keys = ("generation_computed", "generation_cached", "scoring_computed",
@@ -146,6 +158,7 @@ class MethodRun:
             "latency_p50_s": self.latency(50), "latency_p95_s": self.latency(95),
             "phase_mean_s": self.phase_s(), "scoring_share": self.scoring_share,
             "prefill_mean_tokens": self.prefill(),
+            "computed_tokens_mean": self.computed_tokens,
             "samples": [asdict(s) for s in self.samples],
         }
 
@@ -334,7 +347,8 @@ def render_table(report: BenchReport) -> str:
     ratio = {(r["method"], r["concurrency"]): r for r in report.ratios()}
     lines = [f"{'method':<14}{'conc':>5}{'gen tok/s':>10}{'out tok/s':>10}{'req/s':>7}"
              f"{'p50 s':>7}{'p95 s':>7}{'gen s':>7}{'score s':>8}{'sel ms':>7}{'score%':>7}"
-             f"{'x tok/s':>8}{'x req/s':>8}{'gen pf/ca':>12}{'score pf/ca':>13}"]
+             f"{'x tok/s':>8}{'x req/s':>8}{'gen pf/ca':>12}{'score pf/ca':>13}"
+             f"{'computed':>9}"]
     for run in report.runs:
         phases = run.phase_s()
         r = ratio.get((run.method, run.concurrency))
@@ -346,9 +360,11 @@ def render_table(report: BenchReport) -> str:
             f"{run.latency(50):>7.2f}{run.latency(95):>7.2f}{phases['generation']:>7.2f}"
             f"{phases['scoring']:>8.2f}{phases['selection'] * 1000:>7.2f}"
             f"{run.scoring_share * 100:>6.1f}%{tok:>8}{req:>8}"
-            f"{_pair(run, 'generation'):>12}{_pair(run, 'scoring'):>13}")
+            f"{_pair(run, 'generation'):>12}{_pair(run, 'scoring'):>13}"
+            f"{run.computed_tokens:>9.0f}")
     lines.append("gen/score pf/ca: prompt tokens per request prefilled (computed) / served "
-                 "from the prefix cache, in generation and in reward scoring")
+                 "from the prefix cache, in generation and in reward scoring; computed: "
+                 "tokens decoded plus prompt tokens computed, per request")
     return "\n".join(lines)
 
 

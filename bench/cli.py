@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.files import CHECKPOINT_NAME, EvalCheckpoint, atomic_path, run_key, write_atomic
-from bench.prune_cli import add_prune_eval_args, prune_eval_command
+from bench.prune_cli import (
+    add_prune_args,
+    add_prune_eval_args,
+    prune_eval_command,
+    prune_settings,
+)
 from common.values import lambda_value
 
 PROMPTS_FILE_HELP = "JSONL prompts, or a shipped set: prompts (default), verifiable"
@@ -76,6 +81,8 @@ def add_measure_commands(
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--no-naive", action="store_true", help="skip the naive design")
     bench.add_argument("--out", default="sbon-bench", help="folder for JSON and PNG")
+    add_prune_args(bench, "with --prune-mode: also time per-response soft best-of-n with "
+                   "this pruning rule (the method 'pruned')")
     bench.set_defaults(handler=_bench)
 
     evaluate = sub.add_parser("eval", help="reward against KL for a grid of n and lambda")
@@ -139,7 +146,8 @@ def _bench(args: argparse.Namespace, load_app_config: Callable[..., Any]) -> int
     settings = BenchSettings(n=args.n, lam=args.lam, max_tokens=args.max_tokens,
                              block_sizes=args.block_sizes, concurrency=args.concurrency,
                              prompts=args.prompts, seed=args.seed, reward=args.reward,
-                             naive=not args.no_naive and not args.url)
+                             naive=not args.no_naive and not args.url,
+                             prune=prune_settings(args))
     prompts = load_prompts(args.prompts_file, args.prompts)
     total = len(settings.methods()) * (1 + len(settings.concurrency) * len(prompts))
     bar = _progress(total, "bench")

@@ -71,6 +71,8 @@ class HTTPTarget:
         sbon: dict[str, Any] = {"n": params.n, "lambda": lam, "block_size": params.block_size}
         if params.reward:
             sbon["reward"] = params.reward
+        if params.prune is not None:
+            sbon["prune"] = params.prune.model_dump(exclude_unset=True)
         elapsed, reply = await self._post(self._body(index, method, sbon), request_id)
         info = reply["choices"][0]["sbon"]
         timings = info["timings_s"]

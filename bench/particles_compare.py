@@ -1,12 +1,9 @@
 """Particles against blockwise selection on the verifiable prompt set: pass rate and cost.
 
-Every prompt of the set runs with each method (plain decoding as the floor, blockwise
-selection, particles) at the same n, lambda and block size, each with seeds of its own
-(shared seeds would let a later method find the earlier one's KV in the prefix cache). The
-pass rate and the mean fraction of constraints met (reward/verifiers.py) are reported with
-95 % normal intervals, beside the computed tokens per request (decoded tokens of every
-candidate plus prompt tokens computed, not cached).
-Run: ``python -m bench.particles_compare --config benchmarks/configs/verifiable.yaml --out DIR``.
+Each prompt runs with plain decoding, blockwise selection and particles (same n, lambda, block
+size; seeds of their own, so no method reads another's KV from the prefix cache). Reported:
+pass rate and share of constraints met (95 % intervals, and paired differences) beside the
+computed tokens per request. ``python -m bench.particles_compare --config FILE --out DIR``.
 """
 
 from __future__ import annotations

@@ -15,20 +15,29 @@ from bench.files import atomic_path, write_atomic
 
 
 def add_prune_eval_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "pruning", "with --prune-mode: replay one pruning rule on unpruned requests (exact "
+    group = add_prune_args(
+        parser, "with --prune-mode: replay one pruning rule on unpruned requests (exact "
         "distortion, tokens saved, rank correlation) at n = --soft-n, lambda = --prune-lam")
+    group.add_argument("--prune-lam", type=float, default=1.0, help="selection lambda (1.0)")
+
+
+def add_prune_args(parser: argparse.ArgumentParser, description: str) -> Any:
+    """The options of one pruning rule (common/prune.py), as an argument group."""
+    group = parser.add_argument_group("pruning", description)
     group.add_argument("--prune-mode", choices=("rank", "bound"))
     group.add_argument("--prune-every", type=int, help="tokens between checkpoints (16)")
     group.add_argument("--prune-keep", type=float, help="rank: fraction kept per checkpoint")
     group.add_argument("--prune-epsilon", type=float, help="bound: distortion budget")
     group.add_argument("--prune-min-keep", type=int, help="never fewer candidates than this")
-    group.add_argument("--prune-lam", type=float, default=1.0, help="selection lambda (1.0)")
+    return group
 
 
 def prune_settings(args: argparse.Namespace) -> Any:
-    """The validated rule (a ValueError names a bad option)."""
+    """The validated rule (a ValueError names a bad option); None without --prune-mode."""
     from common.prune import PruneSettings
+
+    if not args.prune_mode:
+        return None
 
     values = {"every": args.prune_every, "keep": args.prune_keep,
               "epsilon": args.prune_epsilon, "min_keep": args.prune_min_keep}

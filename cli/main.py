@@ -164,7 +164,8 @@ async def _generate_async(config: Any, args: argparse.Namespace) -> Any:
         raise ValueError("--kl-budget must be >= 0 and cannot be given with --lam")
     params = resolve_params(config.sbon, SBoNOverrides(
         n=args.n, lam=args.lam, block_size=args.block_size,
-        block_size_given=args.block_size is not None,
+        # Pruning works per response: asking for it without --block-size means per response.
+        block_size_given=args.block_size is not None or args.prune_mode not in (None, "off"),
         normalize=Normalization(args.normalize) if args.normalize else None,
         reward=args.reward, kl_budget=args.kl_budget,
         block_delimiter=_unescape(args.block_delimiter),

@@ -266,6 +266,9 @@ class Limits(BaseModel):
     max_stop_sequences: int = Field(default=16, ge=0)
     max_stop_chars: int = Field(default=256, ge=1)  # characters of one stop sequence
     max_messages: int = Field(default=256, ge=1)  # messages of a chat request
+    # Content parts of a chat request, all messages together: counted before they are
+    # validated one by one (which takes seconds for 150,000 of them).
+    max_content_parts: int = Field(default=4096, ge=1)
     # Characters of one prompt (all its messages together), checked before tokenising.
     max_prompt_chars: int = Field(default=65536, ge=1)
     max_body_bytes: int = Field(default=2_097_152, ge=1024)  # request body; 413 beyond

@@ -1,12 +1,9 @@
 """Particles in blockwise mode (``sbon.particles``): n weighted partial responses kept alive.
 
-After each block every live particle is extended by one block of its own, scored, and its
-weight multiplied by exp((r_t - r_{t-1}) / lambda); the particles are resampled
-(systematically) only when the ESS falls below ``ess_threshold`` x n, and at the end one is
-drawn by its weight, which by then carries its full reward. This targets
-p(y) exp(r(y) / lambda) as n grows (twisted SMC, arXiv 2404.17546; arXiv 2502.01618;
-docs/maths.md, "Particles"). Copies of one ancestor continue from the same token ids in one
-engine request, so they share its KV through the prefix cache.
+Each block extends every live particle, multiplies its weight by exp((r_t - r_{t-1}) / lambda),
+resamples systematically when ESS < ess_threshold x n, and finally draws one by its weight:
+the target p(y) exp(r(y) / lambda) (arXiv 2404.17546, 2502.01618; docs/maths.md, "Particles").
+Copies of one ancestor continue from its token ids in one engine request (its KV is cached).
 """
 
 from __future__ import annotations

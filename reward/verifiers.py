@@ -1,10 +1,9 @@
 """Verifiable instructions: constraints a program checks, read from the prompt's own sentences.
 
-Every constraint kind has one fixed English sentence (:func:`render`) that
-:func:`parse_constraints` reads back from the prompt text, so a prompt carries its spec in
-plain sight and any prompt written with these sentences works. The reward is the fraction of
-the prompt's constraints a response satisfies (1.0 = pass; a prompt without any scores 1.0);
-the bounds are exact where a check is monotone in the response (docs/rewards.md).
+Each constraint kind has one fixed sentence (:func:`render`) that :func:`parse_constraints`
+reads back from the prompt text, so any prompt written with them works. The reward is the
+fraction of constraints met (1.0 = pass; none stated = 1.0); the bounds are exact where a
+check is monotone in the response (docs/rewards.md).
 """
 
 from __future__ import annotations

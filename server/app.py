@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 
 from common.config import AppConfig
 from server import lifecycle
+from server.body_parsing import off_loop_route
 from server.datalog import DataLog
 from server.errors import Unavailable, error_response, install_error_handlers
 from server.lifecycle import RuntimeStarter, ServerState, serving_runtime
@@ -98,6 +99,8 @@ def create_app(config: AppConfig, start_runtime: RuntimeStarter | None = None,
     metrics.engine_requests.set_function(
         lambda: float(state.runtime.backend.num_unfinished_requests()) if state.runtime else 0.0)
     install_error_handlers(app)
+    # Bodies validated off the event loop, oversized ones refused before their parts are.
+    app.router.route_class = off_loop_route({"limits": limits})
     _add_routes(app, state, service)
     # Added innermost first: context (outermost), then the key, then the body limit.
     app.add_middleware(BodyLimitMiddleware, limit=limits.max_body_bytes,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -114,6 +115,10 @@ async def start_in_background(state: ServerState, starter: RuntimeStarter) -> No
         if state.on_fatal is not None:
             state.on_fatal()
         return
+    # The engine, models and libraries are long-lived: out of the collector's reach, a full
+    # collection (which a large request body can trigger) no longer scans their millions of
+    # objects while holding the GIL, a pause of up to a second for every other request.
+    gc.freeze()
     logger.info("ready", extra={"model": state.config.model.public_name,
                                 "start_s": round(time.perf_counter() - started, 1)})
 

@@ -12,7 +12,14 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 
 from common.config import Normalization
 from common.prompts import Message
@@ -213,6 +220,24 @@ class ChatCompletionRequest(_Sampling):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _count_before_validating(cls, value: Any, info: ValidationInfo) -> Any:
+        # With the server's limits as context (server/body_parsing.py), counted on the raw
+        # JSON: 150,000 small content parts would take seconds to validate one by one.
+        limits = (info.context or {}).get("limits")
+        if limits is None or not isinstance(value, list):
+            return value
+        if len(value) > limits.max_messages:
+            raise ValueError(f"at most {limits.max_messages} messages, not {len(value)} "
+                             "(limits.max_messages)")
+        parts = sum(len(m["content"]) for m in value
+                    if isinstance(m, dict) and isinstance(m.get("content"), list))
+        if parts > limits.max_content_parts:
+            raise ValueError(f"at most {limits.max_content_parts} content parts in all "
+                             f"messages, not {parts} (limits.max_content_parts)")
+        return value
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -160,6 +160,17 @@ def build_application(config: AppConfig, settings: ReplicaSettings) -> Any:
     return deployment.bind(config)
 
 
+def app_builder(args: dict[str, Any]) -> Any:
+    """Ray Serve's application builder, for ``serve run`` and KubeRay's ``serveConfigV2``
+    (``import_path: server.replicas:app_builder``): ``args`` holds ``config`` (a file) and
+    any :class:`ReplicaSettings` field."""
+    from common.config import load_config
+
+    options = dict(args)
+    config = load_config(options.pop("config", None), [])
+    return build_application(config, ReplicaSettings.model_validate(options))
+
+
 def run_replicas(config: AppConfig, settings: ReplicaSettings) -> int:
     """Start the replicas behind Ray Serve's HTTP proxy on ``server.host:server.port``, and
     serve until SIGTERM or SIGINT (exit 0)."""

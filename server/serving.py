@@ -219,7 +219,10 @@ class CompletionService:
 
     def _log(self, plan: Plan, result: SBoNResult, choice: int) -> None:
         """Queue the choice's record (built by the writer thread; never blocks)."""
-        if self.datalog is None or not plan.log or not plan.params.score:
+        # Particles are left out: a block's other slots continue other ancestors, so the
+        # log's "chosen blocks + each last candidate" responses would not be real ones.
+        if (self.datalog is None or not plan.log or not plan.params.score
+                or plan.params.particles):
             return
         self.datalog.submit(functools.partial(
             build_record, request_id=plan.request_id, logged_at=time.time(),

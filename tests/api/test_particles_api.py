@@ -3,9 +3,15 @@ where they cannot work (400 naming the parameter), streamed as one text."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from pathlib import Path
+
 import openai
 import pytest
 from api_harness import Served
+
+from server.datalog import read_log
 
 MESSAGES = [{"role": "user", "content": "Write a haiku about the sea."}]
 
@@ -63,3 +69,22 @@ def test_particles_settings_that_cannot_work_are_a_400(served: Served, sbon: dic
     body = refused.value.body
     assert refused.value.status_code == 400
     assert isinstance(body, dict) and body["param"] == param, body
+
+
+def test_particles_requests_stay_out_of_the_distillation_log(
+        server_factory: Callable[..., Served], tmp_path: Path) -> None:
+    served = server_factory(datalog={"enabled": True, "dir": str(tmp_path),
+                                     "flush_records": 1})
+    for options in ({"n": 3, "block_size": 2, "particles": True}, {"n": 3, "block_size": 2}):
+        response = served.post("/v1/completions", {
+            "model": "fake-model", "prompt": "The sea", "max_tokens": 4, "sbon": options})
+        assert response.status_code == 200
+    deadline = time.monotonic() + 10
+    records: list = []
+    while time.monotonic() < deadline and not records:
+        records = read_log(tmp_path).records if tmp_path.exists() else []
+        time.sleep(0.01)
+    time.sleep(0.2)  # a particles record, if one were written, would be there by now
+    records = read_log(tmp_path).records
+    assert len(records) == 1 and records[0]["settings"]["block_size"] == 2
+    assert len(records[0]["blocks"]) == 2

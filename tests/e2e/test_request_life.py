@@ -33,8 +33,11 @@ MODEL = "smollm2-135m-instruct"
 CAP = 4
 BURST = 64
 PROMPT_CHARS = 60_000
-REFUSED_BOUND_S = 0.25  # target 50 ms; 5x for a loaded 2-core machine
-HEALTH_BOUND_S = 0.5  # target 100 ms; 5x likewise
+# Targets: a 429 within 50 ms, /health within 100 ms. Bounds for a 2-core machine shared
+# with other work (measured there: server's own time <= 17 ms, at the client <= 0.3 s).
+SERVER_BOUND_S = 0.1  # from the request's arrival to its 429, as the server logs it
+REFUSED_BOUND_S = 1.0  # from the client's last byte sent to the first byte of the 429
+HEALTH_BOUND_S = 0.5
 SENTENCE = "The sea is calm tonight and the waves crash on the rocks. "
 
 
@@ -146,11 +149,14 @@ def server_durations(server: LiveServer, status: int) -> list[float]:
     return found
 
 
-def test_a_burst_of_large_prompts_is_refused_before_any_tokenising(capped: LiveServer) -> None:
-    prompt = (SENTENCE * (PROMPT_CHARS // len(SENTENCE) + 1))[:PROMPT_CHARS]
+def run_burst(server: LiveServer, content: str) -> tuple[list[tuple[int, float, bytes]],
+                                                        list[float], list[float]]:
+    """A burst of chat requests with ``content`` while /health is probed: the answers, the
+    probes' latencies, and the server's own time for each 429 (its access log)."""
     request = raw_request("POST", "/v1/chat/completions",
-                          json.dumps(chat(prompt, max_tokens=8)).encode())
-    port = int(capped.url.rsplit(":", 1)[1])
+                          json.dumps(chat(content, max_tokens=8)).encode())
+    port = int(server.url.rsplit(":", 1)[1])
+    logged = len(server_durations(server, 429))
     done = threading.Event()
     health: list[list[float]] = []
     prober = threading.Thread(target=lambda: health.append(probe_health(port, done)))
@@ -161,23 +167,41 @@ def test_a_burst_of_large_prompts_is_refused_before_any_tokenising(capped: LiveS
     finally:
         done.set()
         prober.join(timeout=30)
+    time.sleep(0.5)  # the access log is written after each answer
+    return results, health[0], server_durations(server, 429)[logged:]
+
+
+def summary(name: str, results: list[tuple[int, float, bytes]], probes: list[float],
+            on_server: list[float]) -> str:
     refused = sorted(s for status, s, _ in results if status == 429)
+    return (f"{name}: {len(refused)} refused, {BURST - len(refused)} accepted; 429 after median "
+            f"{statistics.median(refused) * 1000:.1f} ms, worst {refused[-1] * 1000:.1f} ms "
+            f"(server's own time: worst {max(on_server) * 1000:.1f} ms); /health median "
+            f"{statistics.median(probes) * 1000:.1f} ms, worst {max(probes) * 1000:.1f} ms "
+            f"over {len(probes)} probes")
+
+
+def test_a_burst_of_large_prompts_is_refused_before_any_tokenising(capped: LiveServer) -> None:
+    # Baseline in the same run: the same burst with a prompt that costs nothing to tokenise.
+    small = run_burst(capped, "Hi")
+    prompt = (SENTENCE * (PROMPT_CHARS // len(SENTENCE) + 1))[:PROMPT_CHARS]
+    results, probes, on_server = run_burst(capped, prompt)
+    refused = sorted(s for status, s, _ in results if status == 429)
+    small_worst = max(s for status, s, _ in small[0] if status == 429)
+    print(f"\n{summary('baseline, 2-character prompts', *small)}\n"
+          f"{summary(f'{PROMPT_CHARS}-character prompts', results, probes, on_server)}\n"
+          f"worst 429, large / baseline: {refused[-1] / small_worst:.2f}")
     codes = {body_of(a)["error"]["code"] for status, _, a in results if status == 429}
     accepted = [(status, body_of(a)) for status, _, a in results if status != 429]
-    on_server = sorted(server_durations(capped, 429))
-    probes = health[0]
-    print(f"\nburst of {BURST}: {len(refused)} refused, {len(accepted)} accepted; 429 after "
-          f"median {statistics.median(refused) * 1000:.1f} ms, worst "
-          f"{refused[-1] * 1000:.1f} ms (server's own time: median "
-          f"{statistics.median(on_server) * 1000:.2f} ms, worst {on_server[-1] * 1000:.1f} "
-          f"ms); /health median {statistics.median(probes) * 1000:.1f} ms, worst "
-          f"{max(probes) * 1000:.1f} ms over {len(probes)} probes")
     assert len(refused) >= BURST - 4 * CAP, "the cap did not refuse the burst"
-    assert codes == {"rate_limit_exceeded"}
+    assert codes == {"rate_limit_exceeded"} and len(on_server) == len(refused)
     # Accepted requests finish: a 60k-character prompt does not fit this model's 1024-token
     # context, which only tokenising can tell.
     assert accepted and all(status == 400 and a["error"]["code"] == "context_length_exceeded"
                             for status, a in accepted)
+    # Tokenising one such prompt takes ~0.1 s here: refusing after tokenising would put
+    # seconds before the last 429.
+    assert max(on_server) < SERVER_BOUND_S, on_server
     assert refused[-1] < REFUSED_BOUND_S, refused
     assert max(probes) < HEALTH_BOUND_S, probes
     after = httpx.post(f"{capped.url}/v1/chat/completions", json=chat("Hi", max_tokens=4),

@@ -63,3 +63,21 @@ def test_the_autoscaler_scales_the_deployment_on_an_exported_metric() -> None:
     adapter = yaml.safe_load(documents(K8S / "prometheus-adapter.yaml")[0]["data"]["config.yaml"])
     served = {rule["name"]["as"] for rule in adapter["rules"]}
     assert metric in served and all(metric in r["seriesQuery"] for r in adapter["rules"])
+
+
+def test_the_kuberay_service_runs_the_replica_builder_with_valid_settings() -> None:
+    import importlib
+
+    from server.replicas import ReplicaSettings
+
+    service = documents(K8S / "kuberay" / "rayservice.yaml")[0]
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    application = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    module, name = application["import_path"].split(":")
+    assert callable(getattr(importlib.import_module(module), name))
+    args = dict(application["args"])
+    assert args.pop("config") == "/etc/sbon/config.yaml"
+    ReplicaSettings.model_validate(args)
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    mounted = {m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
+    assert "/etc/sbon" in mounted

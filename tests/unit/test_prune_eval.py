@@ -79,3 +79,23 @@ def test_spearman_matches_known_values() -> None:
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, rel=1e-6)
     assert spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_sbon_bench_times_the_pruned_method_and_its_computed_tokens() -> None:
+    from bench.bench import PER_RESPONSE, PRUNED, BenchSettings, InProcessTarget, run_bench
+    from bench.promptset import load_prompts
+
+    settings = BenchSettings(n=8, max_tokens=16, block_sizes=(), concurrency=(2,), prompts=3,
+                             naive=False, prune=PruneSettings(mode="rank", every=4))
+    runtime = fake_runtime(SampleByIndex(), {"r": FakeScorer(fn=mean_id)})
+    report = asyncio.run(run_bench(InProcessTarget(runtime, load_prompts(None, 3), settings),
+                                   settings))
+    runs = {r.method: r for r in report.runs}
+    assert set(runs) == {"plain", PER_RESPONSE, PRUNED}
+    full = runs[PER_RESPONSE]
+    assert full.computed_tokens == pytest.approx(sum(
+        s.generated_tokens + s.generation_computed + s.scoring_computed
+        for s in full.samples) / 3)
+    assert all(s.generated_tokens == 8 * 16 for s in full.samples)
+    assert runs[PRUNED].computed_tokens < runs[PER_RESPONSE].computed_tokens
+    assert report.to_dict()["runs"][2]["computed_tokens_mean"] == runs[PRUNED].computed_tokens

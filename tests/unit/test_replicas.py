@@ -86,3 +86,15 @@ def test_every_http_response_names_its_replica() -> None:
     assert (REPLICA_HEADER.encode(), b"abc123") in sent[0]["headers"]
     assert (b"content-type", b"text/plain") in sent[0]["headers"]
     assert sent[1] == {"type": "http.response.body", "body": b"ok"}
+
+
+def test_the_application_builder_reads_the_config_file_and_the_settings() -> None:
+    pytest.importorskip("ray.serve")
+    from helpers import REPO_ROOT
+
+    from server.replicas import app_builder
+
+    application = app_builder({"config": str(REPO_ROOT / "config.yaml"), "replicas": 2})
+    assert type(application).__name__ == "Application"
+    with pytest.raises(ValueError):
+        app_builder({"config": str(REPO_ROOT / "config.yaml"), "replicas": 0})
