@@ -197,6 +197,8 @@ class BenchReport:
     def to_dict(self) -> dict[str, Any]:
         settings = asdict(self.settings)
         settings["lam"] = json_number(self.settings.lam)
+        if self.settings.prune is not None:
+            settings["prune"] = self.settings.prune.model_dump()
         return {"settings": settings, "target": self.target,
                 "runs": [r.to_dict() for r in self.runs], "ratios": self.ratios()}
 

@@ -134,7 +134,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         # Methods alternate in order from prompt to prompt, so none always runs first.
         jobs = [one(i, item, method, repeat)
                 for repeat in range(args.repeats) for i, item in enumerate(items)
-                for method in (METHODS if i % 2 == 0 else METHODS[::-1])]
+                for method in (args.methods if i % 2 == 0 else args.methods[::-1])]
         rows = list(await asyncio.gather(*jobs))
     finally:
         await runtime.close()
@@ -143,6 +143,14 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     return {"settings": {k: v for k, v in vars(args).items() if k != "set"},
             "summary": summary(rows), "particles_minus_blockwise": differences,
             "rows": [asdict(r) for r in rows]}
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"methods are among {', '.join(METHODS)}")
+    return names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reward", default="checks")
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", type=_methods, default=METHODS,
+                        help="comma-separated, of: " + ",".join(METHODS))
     parser.add_argument("--out", required=True, help="folder for results.json and table.txt")
     return parser
 

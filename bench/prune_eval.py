@@ -217,6 +217,9 @@ class PruneEvalReport:
             "rank_correlation": {str(k): _mean_defined([x.correlations.get(k) for x in o])
                                  for k in checkpoints_seen},
             "curve": curve,
+            # Paired over prompts (the same samples): pruned minus unpruned with fewer.
+            "pruned_minus_fewer": {str(k): stat([x.reward_pruned - x.fewer[k][0] for x in o])
+                                   for k in self.settings.fewer if k < self.settings.n},
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -271,6 +274,10 @@ def markdown_summary(report: PruneEvalReport) -> str:
     for row in s["curve"]:
         lines.append(f"| {row['label']} | {row['reward']['mean']:.4f} ± "
                      f"{row['reward']['ci95']:.4f} | {row['decoded_tokens']['mean']:.1f} |")
+    lines += ["", "| pruned minus unpruned with fewer candidates (paired by prompt) | "
+              "reward difference ± 95 % |", "|---|---|"]
+    for k, diff in s["pruned_minus_fewer"].items():
+        lines.append(f"| n = {k} | {diff['mean']:+.4f} ± {diff['ci95']:.4f} |")
     return "\n".join(lines)
 
 

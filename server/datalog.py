@@ -92,6 +92,8 @@ def build_record(*, request_id: str, logged_at: float, model: str, prompt: Promp
     """The JSON object of one returned choice (schema in docs/datalog.md)."""
     params = result.params
     kl_budget = params.kl_budget
+    # A candidate stopped early by pruning has no final reward: null (its text is partial).
+    pruned = result.pruning.pruned_at if result.pruning is not None else None
     return {
         "schema": SCHEMA_VERSION,
         "request_id": request_id,
@@ -118,8 +120,9 @@ def build_record(*, request_id: str, logged_at: float, model: str, prompt: Promp
                 "index": block.index,
                 "lambda": _block_lambda(block, params),
                 "chosen_index": block.chosen_index,
-                "candidates": [{"text": c.text, "reward": _number(c.reward),
-                                "weight": _number(c.weight)} for c in block.candidates],
+                "candidates": [{"text": c.text, "reward": None if pruned and pruned[i] is not None
+                                else _number(c.reward), "weight": _number(c.weight)}
+                               for i, c in enumerate(block.candidates)],
             }
             for block in result.blocks
         ],

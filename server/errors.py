@@ -164,6 +164,8 @@ def _validation_error(exc: RequestValidationError) -> InvalidRequest:
                               "unsupported_parameter")
     if kind == "json_invalid":
         return InvalidRequest("The request body is not valid JSON.", None, "invalid_json")
+    if kind == "limit_exceeded":  # counted before validation (server/body_parsing.py)
+        return InvalidRequest(f"{param}: {first.get('msg')}", param, "limit_exceeded")
     message = str(first.get("msg", "invalid request"))
     if param:
         message = f"{param}: {message}"

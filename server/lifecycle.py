@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -242,4 +243,10 @@ def run_server(config: AppConfig, app_factory: Callable[..., FastAPI]) -> int:
     app = app_factory(config, on_fatal=fatal)
     server = build_server(app, config.server.host, config.server.port)
     server.run()
-    return 1 if failed else 0
+    if failed:
+        # The app has shut down: requests answered, data log written, engines closed. What a
+        # dead engine leaves behind (threads, child processes) can hold the interpreter's own
+        # exit for tens of seconds; the restart must not wait for it.
+        logging.shutdown()
+        os._exit(1)
+    return 0

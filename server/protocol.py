@@ -20,6 +20,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from common.config import Normalization
 from common.prompts import Message
@@ -55,6 +56,9 @@ def _well_formed(text: str) -> str:
     except UnicodeEncodeError:
         raise ValueError("must be valid Unicode text (it contains a lone surrogate)") from None
     return text
+
+
+LIMIT_EXCEEDED = "limit_exceeded"  # a validation error type the server answers as its limits
 
 
 Text = Annotated[str, AfterValidator(_well_formed)]
@@ -230,13 +234,14 @@ class ChatCompletionRequest(_Sampling):
         if limits is None or not isinstance(value, list):
             return value
         if len(value) > limits.max_messages:
-            raise ValueError(f"at most {limits.max_messages} messages, not {len(value)} "
-                             "(limits.max_messages)")
+            raise PydanticCustomError(LIMIT_EXCEEDED, f"at most {limits.max_messages} messages, "
+                                      f"not {len(value)} (limits.max_messages)")
         parts = sum(len(m["content"]) for m in value
                     if isinstance(m, dict) and isinstance(m.get("content"), list))
         if parts > limits.max_content_parts:
-            raise ValueError(f"at most {limits.max_content_parts} content parts in all "
-                             f"messages, not {parts} (limits.max_content_parts)")
+            raise PydanticCustomError(
+                LIMIT_EXCEEDED, f"at most {limits.max_content_parts} content parts in all "
+                f"messages, not {parts} (limits.max_content_parts)")
         return value
 
     def requested_max_tokens(self) -> int | None:

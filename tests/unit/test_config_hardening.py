@@ -30,7 +30,7 @@ def test_a_secret_is_the_text_given(text: str) -> None:
 def test_a_present_but_empty_or_null_key_names_its_source(text: str) -> None:
     with pytest.raises(OverrideError, match="SBON_SERVER__API_KEY is set but"):
         load_config(None, environ={"SBON_SERVER__API_KEY": text})
-    with pytest.raises(OverrideError, match="--set server.api_key is set but"):
+    with pytest.raises(OverrideError, match=r"--set server\.api_key is set but"):
         load_config(None, [f"server.api_key={text}"], environ={})
 
 
@@ -112,7 +112,7 @@ def test_warnings_reach_the_start_up_log(caplog: pytest.LogCaptureFixture) -> No
     with caplog.at_level(logging.WARNING, logger="server.lifecycle"):
         warn_if_exposed(config)
     assert any("shorter than 16" in r.getMessage() for r in caplog.records)
-    assert not any("short" == r.getMessage() for r in caplog.records)
+    assert not any(r.getMessage() == "short" for r in caplog.records)
 
 
 def test_extra_args_are_not_logged() -> None:

@@ -38,3 +38,12 @@ def test_methods_share_n_lambda_and_block_size() -> None:
     assert (particles.n, particles.lam, particles.block_size) == (6, 0.1, 16)
     plain = params_for("plain", args)
     assert plain.n == 1 and not plain.score
+
+
+def test_methods_are_chosen_from_the_known_ones() -> None:
+    parser = build_parser()
+    base = ["--config", "c.yaml", "--out", "o"]
+    assert parser.parse_args([*base, "--methods", "particles"]).methods == ("particles",)
+    for bad in ("beam", "", "particles,beam"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*base, "--methods", bad])

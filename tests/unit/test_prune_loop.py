@@ -232,3 +232,20 @@ def test_bad_prune_settings_are_refused_naming_the_field(fields: dict[str, Any],
     with pytest.raises(ValidationError) as refused:
         PruneSettings.model_validate(fields)
     assert refused.value.errors()[0]["loc"][0] == loc
+
+
+def test_the_datalog_gives_pruned_candidates_no_reward_and_pairs_skip_them() -> None:
+    from bench.export import export_rows
+    from server.datalog import build_record
+
+    result = run(engine()[0], SBoNParams(n=4, lam=0.5, prune=rank(every=8)))
+    assert result.pruning is not None
+    record = build_record(request_id="r", logged_at=0.0, model="m", prompt="a prompt",
+                          sampling=SamplingSettings(max_tokens=MAX_TOKENS), result=result)
+    rewards = [c["reward"] for c in record["blocks"][0]["candidates"]]
+    assert [r is None for r in rewards] == [at is not None for at in result.pruning.pruned_at]
+    rows, _ = export_rows([record], "pairs")
+    survivors = {c.text for c, at in zip(result.final_block.candidates,
+                                         result.pruning.pruned_at, strict=True) if at is None}
+    assert len(survivors) == 2 and len(rows) == 1  # keep 0.5 of 4 at the one checkpoint
+    assert rows[0]["chosen"] in survivors and rows[0]["rejected"] in survivors

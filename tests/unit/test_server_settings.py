@@ -21,7 +21,7 @@ DOCKER = REPO_ROOT / "docker"
 def test_an_empty_api_key_is_a_configuration_error(environ: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="SBON_SERVER__API_KEY is set but"):
         load_config(None, environ=environ)
-    with pytest.raises(ValueError, match="--set server.api_key is set but empty"):
+    with pytest.raises(ValueError, match=r"--set server\.api_key is set but empty"):
         load_config(None, ["server.api_key="], environ={})
     with pytest.raises(ValidationError, match="api_key is empty"):
         ServerConfig(api_key="  ")
