@@ -181,10 +181,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
-    text = table(report["summary"]) + "\n\nparticles - blockwise, paired by prompt and " \
-        "repeat (mean ± 95 % half-width):\n" + "\n".join(
-            f"- {metric}: {d['mean']:+.3f} ± {d['ci95']:.3f} ({d['pairs']} pairs)"
-            for metric, d in report["particles_minus_blockwise"].items() if d)
+    text = table(report["summary"])
+    differences = [f"- {metric}: {d['mean']:+.3f} ± {d['ci95']:.3f} ({d['pairs']} pairs)"
+                   for metric, d in report["particles_minus_blockwise"].items() if d]
+    if differences:
+        text += ("\n\nparticles - blockwise, paired by prompt and repeat (mean ± 95 % "
+                 "half-width):\n" + "\n".join(differences))
     (out / "table.txt").write_text(text + "\n", encoding="utf-8")
     print(text)
     return 0

@@ -1,12 +1,12 @@
 """``sbon eval --prune-mode``: what early pruning costs in distortion and saves in tokens.
 
 Per prompt, one seeded request runs unpruned (every candidate to the end, every final
-reward) and one runs with pruning, on the same seeds. The pruning rule is then replayed
-offline on the unpruned candidates (engine/pruned.py :func:`replay`, the same decisions the
-online run takes, which is checked), so its distortion is exact: the total variation between
-the pruned and unpruned selection is the unpruned weight of the pruned candidates
-(docs/maths.md, pruning). The first k of the n unpruned candidates are what an unpruned
-request with k candidates draws: the "use fewer candidates" curve, on the same samples.
+reward) and one with pruning, on the same seeds, each from an empty prefix cache. The rule
+is then replayed offline on the unpruned candidates (engine/pruned.py :func:`replay`, the
+decisions the online run takes, which is checked), so its distortion is exact: the total
+variation between pruned and unpruned selection is the unpruned weight of the pruned
+candidates (docs/maths.md, pruning). The first k of the n unpruned candidates are what an
+unpruned request with k candidates draws: the "use fewer candidates" curve, same samples.
 """
 
 from __future__ import annotations
@@ -136,8 +136,12 @@ async def evaluate_prompt(runtime: Any, item: PromptItem, index: int,
                           settings: PruneEvalSettings) -> PromptOutcome:
     """The unpruned and the pruned request of one prompt, and the replay on the former."""
     sampling = settings.sampling(index)
+    # Each request starts from an empty prefix cache: the second must not find the first's
+    # prompt, or the reward queries of the very same candidates, already computed.
+    await _reset_prefix_cache(runtime)
     full = await runtime.sbon.run(item.prompt, settings.params(False), sampling,
                                   f"eval-prune-full-{index}")
+    await _reset_prefix_cache(runtime)
     online = await runtime.sbon.run(item.prompt, settings.params(True), sampling,
                                     f"eval-prune-{index}")
     key, _ = runtime.sbon.scorer_for(settings.reward)
@@ -169,6 +173,13 @@ async def evaluate_prompt(runtime: Any, item: PromptItem, index: int,
             outcome.fewer[k] = (expected_reward(finals[:k], settings.lam),
                                 sum(c.num_tokens for c in candidates[:k]))
     return outcome
+
+
+async def _reset_prefix_cache(runtime: Any) -> None:
+    for part in (runtime.backend, *getattr(runtime, "scorers", {}).values()):
+        reset = getattr(part, "reset_prefix_cache", None)
+        if reset is not None:
+            await reset()
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float]:

@@ -27,6 +27,7 @@ from server.errors import Unavailable, error_response, install_error_handlers
 from server.lifecycle import RuntimeStarter, ServerState, serving_runtime
 from server.metrics import CONTENT_TYPE, Metrics
 from server.middleware import APIKeyMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from server.planning import ServingRuntime
 from server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -147,16 +148,23 @@ def _health(state: ServerState) -> Response:
             message = ("The server failed to start." if state.failure
                        else "The model is still loading.")
             exc = Unavailable(message, None, "not_ready")
-        return error_response(exc)
+        if state.runtime is None or exc.code != "reward_dead":
+            return error_response(exc)
+        return _unhealthy(exc, state.runtime)
     rewards = {name: scorer.status() for name, scorer in runtime.sbon.scorers.items()}
     dead = lifecycle.default_reward_dead(state, runtime)
     if dead is not None:
-        error = Unavailable(f"The default reward '{dead}' cannot score.", None, "reward_dead")
-        return JSONResponse({**error.body(), "status": "dead", "rewards": rewards},
-                            status_code=error.status)
+        return _unhealthy(Unavailable(f"The default reward '{dead}' cannot score.", None,
+                                      "reward_dead"), runtime)
     degraded = any(r["state"] != "ok" for r in rewards.values())
     return JSONResponse({"status": "degraded" if degraded else "ok",
                          "model": state.config.model.public_name, "rewards": rewards})
+
+
+def _unhealthy(error: Unavailable, runtime: ServingRuntime) -> Response:
+    """A dead reward's 503 for /health, with the rewards' states beside the error."""
+    rewards = {name: scorer.status() for name, scorer in runtime.sbon.scorers.items()}
+    return JSONResponse({**error.body(), "rewards": rewards}, status_code=error.status)
 
 
 def run_server(config: AppConfig) -> int:

@@ -258,6 +258,25 @@ def in_flight(server: LiveServer) -> float:
     return 0.0
 
 
+def health_while_loading(server: LiveServer, timeout: float = 900) -> list[float]:
+    """Latencies of /health answers from the first one until the first 200."""
+    latencies: list[float] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.process.poll() is None, server.log_tail()
+        started = time.monotonic()
+        try:
+            status = httpx.get(f"{server.url}/health", timeout=30).status_code
+        except httpx.ConnectError:
+            time.sleep(0.2)  # not listening yet
+            continue
+        latencies.append(time.monotonic() - started)
+        if status == 200:
+            return latencies
+        time.sleep(0.2)
+    raise AssertionError(f"never ready:\n{server.log_tail()}")
+
+
 def engine_cores(server: LiveServer) -> list[psutil.Process]:
     """The server's vLLM engine core processes, oldest first (the generator's first)."""
     children = psutil.Process(server.process.pid).children(recursive=True)
@@ -278,7 +297,10 @@ def test_a_dead_reward_engine_is_503_on_health_and_exit_1(
                    tmp_path / "server",
                    VLLM_ENABLE_V1_MULTIPROCESSING="1")  # each engine in its own process
     try:
-        wait_healthy(server.url, server.process, server.log)
+        loading = health_while_loading(server)
+        print(f"\n/health while both engines loaded: {len(loading)} answers, worst "
+              f"{max(loading):.3f} s")
+        assert max(loading) < 2.0, loading  # the event loop stayed free (engines in threads)
         cores = engine_cores(server)
         assert len(cores) == 2, [c.name() for c in cores]
         pooling = cores[-1]  # started after the generator

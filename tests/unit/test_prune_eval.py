@@ -102,3 +102,20 @@ def test_sbon_bench_times_the_pruned_method_and_its_computed_tokens() -> None:
     written = json.loads(json.dumps(report.to_dict()))
     assert written["runs"][2]["computed_tokens_mean"] == runs[PRUNED].computed_tokens
     assert written["settings"]["prune"]["mode"] == "rank"
+
+
+def test_the_prune_flags_of_sbon_generate_are_validated() -> None:
+    from cli.main import _prune_settings, build_parser
+
+    def settings(*flags: str) -> PruneSettings | None:
+        args = build_parser().parse_args(["generate", "a prompt", *flags])
+        result: PruneSettings | None = _prune_settings(args)
+        return result
+
+    assert settings() is None and settings("--prune-mode", "off") is None
+    assert settings("--prune-mode", "rank", "--prune-keep", "0.25") == PruneSettings(
+        mode="rank", keep=0.25)
+    for bad in (["--prune-keep", "0.5"], ["--prune-mode", "bound", "--prune-keep", "0.5"],
+                ["--prune-mode", "rank", "--prune-every", "0"]):
+        with pytest.raises(ValueError):
+            settings(*bad)
