@@ -58,6 +58,7 @@ class PruneEvalSettings:
 class PromptOutcome:
     """One prompt's unpruned and pruned requests and the replay's exact figures."""
 
+    prompt_id: str
     tv: float  # total variation between pruned and unpruned selection (pruned mass)
     choice_pruned: bool  # the unpruned request's choice was among the pruned
     agrees: bool  # the online run took the replay's decisions
@@ -156,7 +157,7 @@ async def evaluate_prompt(runtime: Any, item: PromptItem, index: int,
     weights = selection_weights(finals, settings.lam)
     keep = [at is None for at in pruner.pruned_at]
     outcome = PromptOutcome(
-        tv=pruned_mass(weights, pruner.pruned_at),
+        prompt_id=item.id, tv=pruned_mass(weights, pruner.pruned_at),
         choice_pruned=pruner.pruned_at[full.chosen_index] is not None,
         agrees=online.pruning is not None and online.pruning.pruned_at == pruner.pruned_at,
         pruned=sum(1 for k in keep if not k),

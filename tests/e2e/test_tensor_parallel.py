@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -152,6 +153,37 @@ def test_tp2_multiprocessing_matches_one_process_and_a_dead_worker_exits_1(
         assert server.process.wait(timeout=180) == 1, server.log_tail()
         print(f"worker killed: the request in flight got {answers[-1]}, the server exited 1 "
               f"after {time.monotonic() - killed_at:.1f} s")
+        _, left = psutil.wait_procs(ranks, timeout=60)
+        assert not left, f"workers outlived the server: {left}"
+    finally:
+        stop(server.process)
+
+
+def test_tp2_drains_a_request_on_sigterm_and_leaves_no_worker(
+        tiny_folders: tuple[Path, Path], tmp_path: Path) -> None:
+    config = server_config(tiny_folders, tensor_parallel_size=2)
+    config["server"]["drain_s"] = 120
+    server = serve(config, tmp_path)
+    try:
+        healthy(server)
+        ranks = workers(server)
+        answers: list[int] = []
+        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 200,
+                "sbon": {"n": 2, "block_size": 8}}
+        sender = threading.Thread(target=lambda: answers.append(httpx.post(
+            f"{server.url}/v1/chat/completions", json=body, timeout=300).status_code))
+        sender.start()
+        deadline = time.monotonic() + 60
+        while "sbon_requests_in_flight 1.0" not in httpx.get(f"{server.url}/metrics",
+                                                              timeout=10).text:
+            assert time.monotonic() < deadline and sender.is_alive(), answers
+            time.sleep(0.05)
+        server.process.send_signal(signal.SIGTERM)
+        sender.join(timeout=300)
+        assert answers == [200], answers  # the request in flight finished
+        assert server.process.wait(timeout=180) == 0, server.log_tail()
+        _, left = psutil.wait_procs(ranks, timeout=60)
+        assert not left, f"workers outlived the server: {left}"
     finally:
         stop(server.process)
 

@@ -101,3 +101,10 @@ def test_the_summary_passes_only_when_every_step_passed() -> None:
     failed = summary({"tier integration": True, "tier e2e": False}, [], {}, CheckSettings())
     assert failed.splitlines()[-1] == "FAIL" and "tier e2e           FAILED" in failed
     assert summary({}, [], {}, CheckSettings()).endswith("FAIL")
+
+
+def test_the_format_nvidia_smi_prints_is_read() -> None:
+    # Captured from nvidia-smi 580 with a process holding 1 GiB and its child 2 GiB (plus
+    # each one's CUDA context).
+    assert gpu_memory_by_process("519, 1542\n541, 2566\n") == {519: 1542.0, 541: 2566.0}
+    assert gpu_memory_by_process("") == {}
