@@ -22,7 +22,7 @@ from bench.promptset import PromptItem
 from common.prune import PruneSettings
 from common.values import json_number
 from engine.pruned import Checkpointer, replay, view_at
-from engine.pruning import Pruner, checkpoints, pruned_mass
+from engine.pruning import Pruner, pruned_mass
 from engine.seeds import run_seed
 from engine.selection import selection_weights
 from engine.types import Candidate, SamplingSettings, SBoNParams, SBoNResult
@@ -71,6 +71,7 @@ class PromptOutcome:
     computed_pruned: int
     correlations: dict[int, float | None] = field(default_factory=dict)  # per checkpoint
     fewer: dict[int, tuple[float, int]] = field(default_factory=dict)  # k -> reward, decoded
+    fewer_computed: dict[int, float] = field(default_factory=dict)  # k -> computed (estimate)
 
 
 def expected_reward(rewards: Sequence[float], lam: float,
@@ -118,10 +119,11 @@ def decoded_after_pruning(candidates: Sequence[Candidate], pruned_at: Sequence[i
 async def _correlations(checkpointer: Checkpointer, candidates: Sequence[Candidate],
                         finals: Sequence[float], settings: PruneEvalSettings,
                         decode: Callable[[Sequence[int]], str]) -> dict[int, float | None]:
-    """Per checkpoint: rank correlation of every candidate's partial reward (its final one
+    """Per nominal checkpoint (``checkpointer`` without a block size, so that every prompt
+    has the same ones): rank correlation of every candidate's partial reward (its final one
     once finished) with its final reward."""
     out: dict[int, float | None] = {}
-    for checkpoint in checkpoints(settings.prune.every, settings.max_tokens):
+    for checkpoint in checkpointer.positions(settings.max_tokens):
         views = {i: view_at(c.token_ids, c, checkpoint, decode)
                  for i, c in enumerate(candidates)}
         running = {i: v for i, v in views.items() if not v.finished}
@@ -151,8 +153,9 @@ async def evaluate_prompt(runtime: Any, item: PromptItem, index: int,
     decode = runtime.backend.decode
     candidates = _candidates(full)
     finals = full.final_block.rewards
+    block = getattr(runtime.backend, "kv_block_tokens", None)
     pruner = await replay(Checkpointer(Pruner(settings.prune, settings.n, settings.lam), scorer,
-                                       item.prompt, prompt_ids),
+                                       item.prompt, prompt_ids, block=block),
                           candidates, settings.max_tokens, decode)
     weights = selection_weights(finals, settings.lam)
     keep = [at is None for at in pruner.pruned_at]
@@ -173,7 +176,18 @@ async def evaluate_prompt(runtime: Any, item: PromptItem, index: int,
         if k < settings.n:
             outcome.fewer[k] = (expected_reward(finals[:k], settings.lam),
                                 sum(c.num_tokens for c in candidates[:k]))
+            outcome.fewer_computed[k] = fewer_computed(full, candidates, k)
     return outcome
+
+
+def fewer_computed(full: SBoNResult, candidates: Sequence[Candidate], k: int) -> float:
+    """Computed tokens of an unpruned request with the first ``k`` of its candidates: the
+    same prompt prefill, their decoded tokens, and ``k / n`` of the scoring prefill (every
+    candidate's reward query costs alike in expectation; an estimate, not a measurement)."""
+    n = len(candidates)
+    scoring = full.prefill_scoring.computed
+    decoded_rest = sum(c.num_tokens for c in candidates[k:])
+    return full.tokens_computed - decoded_rest - scoring * (n - k) / n
 
 
 async def _reset_prefix_cache(runtime: Any) -> None:
@@ -206,14 +220,17 @@ class PruneEvalReport:
         checkpoints_seen = sorted({k for x in o for k in x.correlations})
         curve = [{"label": f"unpruned n={k}", "n": k,
                   "reward": stat([x.fewer[k][0] for x in o]),
-                  "decoded_tokens": stat([float(x.fewer[k][1]) for x in o])}
+                  "decoded_tokens": stat([float(x.fewer[k][1]) for x in o]),
+                  "computed_tokens": stat([x.fewer_computed[k] for x in o])}
                  for k in self.settings.fewer if k < self.settings.n]
         curve.append({"label": f"unpruned n={self.settings.n}", "n": self.settings.n,
                       "reward": stat([x.reward_unpruned for x in o]),
-                      "decoded_tokens": stat([float(x.decoded_unpruned) for x in o])})
+                      "decoded_tokens": stat([float(x.decoded_unpruned) for x in o]),
+                      "computed_tokens": stat([float(x.computed_unpruned) for x in o])})
         curve.append({"label": f"pruned n={self.settings.n} ({self.settings.prune.mode})",
                       "n": self.settings.n, "reward": stat([x.reward_pruned for x in o]),
-                      "decoded_tokens": stat([float(x.decoded_pruned) for x in o])})
+                      "decoded_tokens": stat([float(x.decoded_pruned) for x in o]),
+                      "computed_tokens": stat([float(x.computed_pruned) for x in o])})
         return {
             "prompts": len(o),
             "tv": stat([x.tv for x in o]), "tv_max": max(x.tv for x in o),
@@ -232,6 +249,9 @@ class PruneEvalReport:
             # Paired over prompts (the same samples): pruned minus unpruned with fewer.
             "pruned_minus_fewer": {str(k): stat([x.reward_pruned - x.fewer[k][0] for x in o])
                                    for k in self.settings.fewer if k < self.settings.n},
+            "pruned_minus_fewer_computed": {
+                str(k): stat([x.computed_pruned - x.fewer_computed[k] for x in o])
+                for k in self.settings.fewer if k < self.settings.n},
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -282,20 +302,29 @@ def markdown_summary(report: PruneEvalReport) -> str:
     for k, rho in s["rank_correlation"].items():
         lines.append(f"| rank correlation partial vs final at {k} tokens | "
                      f"{'n/a' if rho is None else f'{rho:.3f}'} |")
-    lines += ["", "| selection | expected reward ± 95 % | decoded tokens |", "|---|---|---|"]
+    lines += ["", "| selection | expected reward ± 95 % | decoded tokens | computed tokens "
+              "± 95 % |", "|---|---|---|---|"]
     for row in s["curve"]:
+        computed = row["computed_tokens"]
         lines.append(f"| {row['label']} | {row['reward']['mean']:.4f} ± "
-                     f"{row['reward']['ci95']:.4f} | {row['decoded_tokens']['mean']:.1f} |")
+                     f"{row['reward']['ci95']:.4f} | {row['decoded_tokens']['mean']:.1f} | "
+                     f"{computed['mean']:.1f} ± {computed['ci95']:.1f} |")
+    lines += ["", "Computed tokens of the fewer-candidate rows are estimated from the n-candidate "
+              "request (its prompt prefill, their decoded tokens, k / n of its scoring); the "
+              "others are measured."]
     lines += ["", "| pruned minus unpruned with fewer candidates (paired by prompt) | "
-              "reward difference ± 95 % |", "|---|---|"]
+              "reward difference ± 95 % | computed tokens difference ± 95 % |", "|---|---|---|"]
     for k, diff in s["pruned_minus_fewer"].items():
-        lines.append(f"| n = {k} | {diff['mean']:+.4f} ± {diff['ci95']:.4f} |")
+        cost = s["pruned_minus_fewer_computed"][k]
+        lines.append(f"| n = {k} | {diff['mean']:+.4f} ± {diff['ci95']:.4f} | "
+                     f"{cost['mean']:+.1f} ± {cost['ci95']:.1f} |")
     return "\n".join(lines)
 
 
 def reward_vs_tokens_chart(report: PruneEvalReport, path: Path) -> Path:
-    """Expected reward against decoded tokens per request, with 95 % intervals: unpruned
-    soft best-of-n at growing n (the "fewer candidates" curve) and the pruned rule."""
+    """Expected reward against computed tokens per request (the cost axis), with 95 %
+    intervals: unpruned soft best-of-n at growing n (the "fewer candidates" curve) and the
+    pruned rule."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -307,16 +336,16 @@ def reward_vs_tokens_chart(report: PruneEvalReport, path: Path) -> Path:
     fig, axis = plt.subplots(figsize=(6.5, 4.5))
     for rows, style, name in ((unpruned, "o-", "unpruned, n = 1, 2, 4, ..."),
                               (pruned, "s", "pruned")):
-        axis.errorbar([r["decoded_tokens"]["mean"] for r in rows],
+        axis.errorbar([r["computed_tokens"]["mean"] for r in rows],
                       [r["reward"]["mean"] for r in rows],
                       yerr=[r["reward"]["ci95"] for r in rows],
-                      xerr=[r["decoded_tokens"]["ci95"] for r in rows], fmt=style,
+                      xerr=[r["computed_tokens"]["ci95"] for r in rows], fmt=style,
                       capsize=3, label=name)
         for r in rows:
-            axis.annotate(r["label"], (r["decoded_tokens"]["mean"], r["reward"]["mean"]),
+            axis.annotate(r["label"], (r["computed_tokens"]["mean"], r["reward"]["mean"]),
                           fontsize=7, xytext=(4, -10), textcoords="offset points")
     s = report.settings
-    axis.set_xlabel("decoded tokens per request (all candidates)")
+    axis.set_xlabel("computed tokens per request (decoded + prefilled, generation and reward)")
     axis.set_ylabel("expected reward of the selection")
     axis.set_title(f"reward vs tokens: lambda={s.lam:g}, {len(report.outcomes)} prompts")
     axis.legend(fontsize=8)

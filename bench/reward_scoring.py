@@ -52,9 +52,11 @@ def make_inputs(prompt_words: int, response_words: int, n: int) -> tuple[list[st
 
 
 async def time_scorer(model: str, share: bool, prompts: list[str], responses: list[str],
-                      repeats: int, device: str) -> tuple[float, list[float]]:
-    scorer = HFRewardScorer(HFRewardConfig(name="bench", type="hf", model=model, device=device,
-                                         share_prompt_kv=share, max_batch_tokens=65536))
+                      repeats: int, device: str,
+                      dtype: str = "float32") -> tuple[float, list[float]]:
+    scorer = HFRewardScorer(HFRewardConfig.model_validate(
+        {"name": "bench", "type": "hf", "model": model, "device": device, "dtype": dtype,
+         "share_prompt_kv": share, "max_batch_tokens": 65536}))
     await scorer.start()
     try:
         values = await scorer.score(prompts, responses)  # warm-up
@@ -73,9 +75,9 @@ async def run(args: argparse.Namespace) -> None:
         model = args.model or str(build_classifier(args.shape_from, Path(tmp)))
         prompts, responses = make_inputs(args.prompt_words, args.response_words, args.n)
         full_s, full_values = await time_scorer(model, False, prompts, responses, args.repeats,
-                                                args.device)
+                                                args.device, args.dtype)
         shared_s, shared_values = await time_scorer(model, True, prompts, responses,
-                                                    args.repeats, args.device)
+                                                    args.repeats, args.device, args.dtype)
     drift = max(abs(a - b) for a, b in zip(full_values, shared_values, strict=True))
     print(f"n={args.n} prompt~{args.prompt_words} words response~{args.response_words} words")
     print(f"{'method':<22}{'s/call':>10}")
@@ -93,6 +95,8 @@ def main() -> None:
     parser.add_argument("--response-words", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32",
+                        choices=["float32", "float16", "bfloat16", "auto"])
     parser.add_argument("--save-to", help="only write a classifier shaped from --shape-from "
                         "into this folder (for `sbon bench --reward` with a model reward)")
     parser.add_argument("--layers", type=int, help="with --save-to: number of layers")

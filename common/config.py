@@ -517,8 +517,8 @@ def config_warnings(config: AppConfig) -> list[str]:
         warnings.append(f"server.api_key is shorter than {MIN_KEY_CHARS} characters; "
                         "a long random key is much harder to guess")
     unpinned = [("model", config.model.trust_remote_code, config.model.revision)] + [
-        (f"rewards '{r.name}'", getattr(r, "trust_remote_code", False),
-         getattr(r, "revision", None)) for r in config.rewards]
+        (f"rewards '{r.name}'", r.trust_remote_code, r.revision) for r in config.rewards
+        if isinstance(r, HFRewardConfig | PRMRewardConfig | VLLMRewardConfig)]
     for where, trusted, revision in unpinned:
         if trusted and revision is None:
             warnings.append(f"{where}: trust_remote_code runs the model repository's code; "

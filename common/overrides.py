@@ -129,9 +129,10 @@ def parse_yaml_scalar(text: str) -> Any:
     """Read a non-text value with YAML's scalar rules (numbers, booleans, null, lists).
 
     An empty value stays an empty string (YAML would read null), so that a field which
-    needs a value refuses it rather than silently taking its default.
+    needs a value refuses it rather than silently taking its default; and a value with a
+    ``#`` stays text (YAML would cut a comment off: ``extra_args`` may hold a token).
     """
-    if not text.strip():
+    if not text.strip() or "#" in text:
         return text
     try:
         return yaml.safe_load(text)

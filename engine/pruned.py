@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 from common.prompts import Prompt
 from common.tasks import first_error
 from engine.guarded import GuardedScorer
-from engine.pruning import Pruner, checkpoints
+from engine.pruning import Pruner, aligned_checkpoints, checkpoints
 from engine.resolve import SettingsError
 from engine.seeds import block_seed
 from engine.selection import (
@@ -124,6 +124,12 @@ class Checkpointer:
     prompt_ids: Sequence[int]
     exact: dict[int, float] = field(default_factory=dict)  # full rewards known so far
     accounting: Accounting = field(default_factory=Accounting)
+    block: int | None = None  # the engine's KV block size: checkpoints land on its boundaries
+
+    def positions(self, max_tokens: int) -> list[int]:
+        """The checkpoints of this request (the online loop and the replay use the same)."""
+        return aligned_checkpoints(self.pruner.settings.every, max_tokens,
+                                   len(self.prompt_ids), self.block)
 
     async def score(self, views: dict[int, View]) -> dict[int, float]:
         """Rewards of ``views`` (one reward call); finished ones are kept as exact."""
@@ -230,7 +236,7 @@ class PrunedSelection:
 
     async def _checkpoints(self) -> None:
         pruner = self.check.pruner
-        for checkpoint in checkpoints(pruner.settings.every, self.sampling.max_tokens):
+        for checkpoint in self.check.positions(self.sampling.max_tokens):
             live = sorted(pruner.live)
             if len(live) <= pruner.settings.min_keep:
                 return
@@ -248,7 +254,9 @@ class PrunedSelection:
 
     def _reached(self, index: int, checkpoint: int) -> bool:
         sample = self.samples[index]
-        return sample.final is not None or len(sample.token_ids) >= checkpoint
+        # One token past the checkpoint: the engine has then computed the KV of all of the
+        # first ``checkpoint`` tokens, so the reward query finds their last block cached.
+        return sample.final is not None or len(sample.token_ids) > checkpoint
 
     def _candidate(self, sample: _Sample) -> Candidate:
         if sample.final is not None:
@@ -261,7 +269,7 @@ async def replay(checkpointer: Checkpointer, candidates: Sequence[Candidate], ma
                  decode: Callable[[Sequence[int]], str]) -> Pruner:
     """The decisions online pruning takes, applied to candidates generated to the end."""
     pruner = checkpointer.pruner
-    for checkpoint in checkpoints(pruner.settings.every, max_tokens):
+    for checkpoint in checkpointer.positions(max_tokens):
         live = sorted(pruner.live)
         if len(live) <= pruner.settings.min_keep:
             break
@@ -294,13 +302,13 @@ class PrunedStep:
 async def pruned_step(backend: PrunableBackend, scorer: GuardedScorer, prompt: Prompt,
                       prompt_ids: Sequence[int], params: SBoNParams,
                       sampling: SamplingSettings, request_id: str,
-                      rng: random.Random) -> PrunedStep:
+                      rng: random.Random, block: int | None = None) -> PrunedStep:
     """Run one pruned per-response selection and record it as the request's only block."""
     check_prune(params, scorer)
     if params.prune is None:
         raise ValueError("pruned_step needs prune settings")
     pruner = Pruner(params.prune, params.n, params.lam)
-    checkpointer = Checkpointer(pruner, scorer, prompt, prompt_ids)
+    checkpointer = Checkpointer(pruner, scorer, prompt, prompt_ids, block=block)
     started = time.perf_counter()
     candidates = await PrunedSelection(backend, checkpointer, sampling, request_id).run()
     survivors = {i: c for i, c in enumerate(candidates) if pruner.pruned_at[i] is None}

@@ -25,6 +25,24 @@ def checkpoints(every: int, max_tokens: int) -> list[int]:
     return list(range(every, max_tokens, every))
 
 
+def aligned_checkpoints(every: int, max_tokens: int, prompt_tokens: int,
+                        block: int | None) -> list[int]:
+    """The checkpoints moved to KV-block boundaries: each to the first length at or after it
+    at which prompt + response fill whole blocks of ``block`` tokens, duplicates dropped.
+
+    A reward query on such a prefix finds all of it in the prefix cache (vLLM caches whole
+    blocks only), so a checkpoint costs the question alone, not a ragged tail of up to
+    ``block - 1`` tokens per candidate (docs/maths.md, pruning). Without a block size, or
+    when no boundary falls before ``max_tokens``, the nominal checkpoints are kept.
+    """
+    nominal = checkpoints(every, max_tokens)
+    if not block:
+        return nominal
+    moved = sorted({c + (-(prompt_tokens + c)) % block for c in nominal})
+    aligned = [c for c in moved if c < max_tokens]
+    return aligned or nominal
+
+
 def weight_upper_bound(index: int, upper: float, lower: Sequence[float], lam: float) -> float:
     """Largest selection weight candidate ``index`` can still get among all n candidates.
 

@@ -190,7 +190,7 @@ class SBoNResult:
     def tokens_computed(self) -> int:
         """The cost axis: tokens decoded for every candidate (pruned ones up to where they
         stopped) plus prompt tokens computed, not cached, by generation and by scoring.
-        Rewards outside the engine (hf, prm, python) report no prompt tokens of their own."""
+        hf and prm report the tokens their model runs on (reward/cost.py); python none."""
         return (self.tokens_generated + self.prefill_generation.computed
                 + self.prefill_scoring.computed)
 

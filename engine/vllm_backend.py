@@ -168,6 +168,8 @@ class VLLMBackend:
         self.model_name = config.model.public_name
         self.max_model_len = config.engine.max_model_len
         self.model_path = ""
+        # Prefix caching reuses whole blocks of this many tokens (None: vLLM's default).
+        self.kv_block_tokens = kv_block_size(config.engine.kv_block_size)
 
     async def start(self) -> None:
         """Prepare the model folder (embedded default) and start the engine."""

@@ -21,6 +21,7 @@ from common.config import HFRewardConfig
 from common.prompts import Prompt, conversation, prompt_as_text
 from reward.base import BlockQuery, RewardError, Scores, check_lengths
 from reward.batching import BatchedModelScorer, BatchWorker
+from reward.cost import forward_tokens
 from reward.truncation import fit_group, leading_special
 
 logger = logging.getLogger(__name__)
@@ -192,7 +193,10 @@ class HFRewardScorer(BatchedModelScorer[_Item]):
         except Exception as exc:  # a chat template that refuses the conversation
             raise RewardError(f"reward '{self.name}' cannot build its input: "
                               f"{type(exc).__name__}") from exc
-        return Scores(await self._batcher.submit(items), truncated=truncated)
+        # The tokens this request's inputs need (reward/cost.py): the cost axis of ``hf``.
+        computed, reused = forward_tokens([(i.prefix, i.full) for i in items], self._share_kv)
+        return Scores(await self._batcher.submit(items), computed_tokens=computed,
+                      cached_tokens=reused, truncated=truncated)
 
     def _encode_pairs(self, prompts: list[Prompt],
                       responses: list[str]) -> tuple[list[_Item], bool]:

@@ -33,8 +33,9 @@ from typing import Any
 
 from common.config import PRMRewardConfig
 from common.prompts import Prompt, chat_messages, prompt_as_text
-from reward.base import RewardError, check_lengths
+from reward.base import BlockQuery, RewardError, Scores, check_lengths
 from reward.batching import BatchedModelScorer, BatchWorker
+from reward.cost import forward_tokens
 from reward.hf import token_budget_batches
 
 logger = logging.getLogger(__name__)
@@ -318,6 +319,19 @@ class PRMScorer(BatchedModelScorer[_Query]):
         self._batcher.check_open()
         queries = [_Query(p, r) for p, r in zip(prompts, responses, strict=True)]
         return await self._batcher.submit(queries)
+
+    async def score_block(self, query: BlockQuery) -> Scores:
+        """The rewards of a block and the tokens the model runs on for them (reward/cost.py),
+        counted from the same encodings the scoring thread builds."""
+        responses = query.responses()
+        prompts = [query.prompt] * len(responses)
+        self._batcher.check_open()
+        encoded = await self._batcher.run(
+            lambda: [self.encode(self.render(p, r)) for p, r in zip(prompts, responses,
+                                                                   strict=True)])
+        computed, reused = forward_tokens([(e.prefix, e.ids) for e in encoded], self._share_kv)
+        return Scores(await self.score(prompts, responses), computed_tokens=computed,
+                      cached_tokens=reused)
 
     # -- scoring (worker thread) -----------------------------------------------------------
 

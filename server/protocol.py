@@ -338,7 +338,7 @@ class SBoNInfo(ResponseModel):
     tokens_scored: int
     tokens_computed: int = Field(
         description="decoded tokens of every candidate plus prompt tokens computed (not "
-                    "cached) by generation and by engine-backed rewards")
+                    "cached) by generation and by model rewards")
     prune: SBoNPrune | None = Field(default=None, description="with sbon.prune")
     particles: SBoNParticles | None = Field(default=None, description="with sbon.particles")
     tokens_prefilled: dict[str, int] = Field(

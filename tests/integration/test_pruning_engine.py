@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from common.prompts import Message, Prompt
 from common.prune import PruneSettings
 from engine.pruned import Checkpointer, replay
-from engine.pruning import Pruner, pruned_mass
+from engine.pruning import Pruner, checkpoints, pruned_mass
 from engine.sbon import SBoNEngine
 from engine.selection import selection_weights
 from engine.types import Candidate, SamplingSettings, SBoNParams, SBoNResult
@@ -77,11 +77,18 @@ async def test_online_pruning_takes_the_decisions_of_the_offline_replay(
     online = await _run(runtime, SBoNParams(n=N, lam=0.5, prune=RANK), "it-prune-online")
     full = await _run(runtime, SBoNParams(n=N, lam=0.5), "it-prune-offline")
     judge = runtime.sbon.scorers["judge"]
-    checkpointer = Checkpointer(Pruner(RANK, N, 0.5), judge, PROMPT,
-                                runtime.backend.encode_prompt(PROMPT))
+    prompt_ids = runtime.backend.encode_prompt(PROMPT)
+    block = runtime.backend.kv_block_tokens
+    checkpointer = Checkpointer(Pruner(RANK, N, 0.5), judge, PROMPT, prompt_ids, block=block)
     offline = await replay(checkpointer, _candidates(full), TOKENS, runtime.backend.decode)
     assert online.pruning is not None
     assert offline.pruned_at == online.pruning.pruned_at
+    # The checkpoints land where prompt + response fill whole KV blocks (when one does
+    # before the end), so the judge's checkpoint queries find the partial responses cached.
+    at = checkpointer.positions(TOKENS)
+    assert block is not None and at != checkpoints(RANK.every, TOKENS)
+    assert all((len(prompt_ids) + c) % block == 0 for c in at)
+    assert {c for c in online.pruning.pruned_at if c is not None} <= set(at)
 
 
 class NoLetterE:

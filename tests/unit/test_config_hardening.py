@@ -53,6 +53,12 @@ def test_string_fields_stay_strings_and_typed_fields_keep_yaml_rules(tmp_path: P
     assert named.rewards[0].label == "good"  # type: ignore[union-attr]
 
 
+def test_free_mappings_keep_text_with_a_hash() -> None:
+    config = load_config(None, ["engine.extra_args.hf_token=#tok en", "engine.extra_args.k=3"],
+                         environ={"SBON_ENGINE__EXTRA_ARGS__OTHER": "a #b"})
+    assert config.engine.extra_args == {"hf_token": "#tok en", "k": 3, "other": "a #b"}
+
+
 def test_the_key_comes_from_a_file(tmp_path: Path) -> None:
     key_file = tmp_path / "key"
     key_file.write_text("#long-secret key-0123456789\n")

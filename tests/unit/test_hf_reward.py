@@ -13,7 +13,7 @@ import pytest
 from tiny_models import build_tiny_reward_model
 
 from common.config import HFRewardConfig
-from reward.base import RewardError
+from reward.base import BlockQuery, RewardError
 from reward.hf import HFRewardScorer
 
 
@@ -99,6 +99,29 @@ async def test_shared_prompt_kv_gives_the_full_computation_values(tiny_model: Pa
         responses = [*RESPONSES, "the rocks", "calm rocks and blue waves crash"]
         assert await shared.score(prompts, responses) == pytest.approx(
             await full.score(prompts, responses), abs=1e-4)
+    finally:
+        await shared.close()
+        await full.close()
+
+
+def block_of(prompt: str, responses: list[str]) -> BlockQuery:
+    return BlockQuery(prompt=prompt, prompt_ids=[], prefix_text="", prefix_ids=[],
+                      block_texts=responses, block_ids=[() for _ in responses])
+
+
+async def test_a_block_reports_the_tokens_the_model_ran_on(tiny_model: Path) -> None:
+    shared = await started(tiny_model)
+    full = await started(tiny_model, share_prompt_kv=False)
+    try:
+        whole = sum(len(full._encode(full.format(PROMPTS[0], r))) for r in RESPONSES)
+        prompt = len(full._encode(full.format_prefix(PROMPTS[0])))
+        alone = await full.score_block(block_of(PROMPTS[0], RESPONSES))
+        assert (alone.computed_tokens, alone.cached_tokens) == (whole, 0)
+        # Sharing the prompt's KV runs it once instead of once per response.
+        together = await shared.score_block(block_of(PROMPTS[0], RESPONSES))
+        assert together.cached_tokens == prompt * (len(RESPONSES) - 1) > 0
+        assert together.computed_tokens == whole - together.cached_tokens
+        assert together.rewards == pytest.approx(alone.rewards, abs=1e-4)
     finally:
         await shared.close()
         await full.close()

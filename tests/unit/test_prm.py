@@ -17,7 +17,7 @@ from tiny_models import PRM_SEPARATOR, STEP_TAG, build_tiny_prm
 
 from common.config import AppConfig, PRMRewardConfig
 from common.prompts import Message
-from reward.base import RewardError
+from reward.base import BlockQuery, RewardError
 from reward.prm import PRMScorer, aggregate, split_steps
 from reward.registry import build_scorer
 
@@ -174,6 +174,27 @@ async def test_shared_prefix_kv_gives_the_full_computation_values(fmt: str, caus
         assert calls == [len(BLOCK)]  # the prefix ran once for the whole block
         assert values == pytest.approx(await full.score([QUESTION] * len(BLOCK), BLOCK),
                                        abs=1e-5)
+    finally:
+        await shared.close()
+        await full.close()
+
+
+async def test_a_block_reports_the_tokens_the_model_ran_on(causal: Path) -> None:
+    shared = await started(causal, format="step_tag", aggregation="prod")
+    full = await started(causal, format="step_tag", aggregation="prod", share_prefix_kv=False)
+    try:
+        encoded = [full.encode(full.render(QUESTION, r)) for r in BLOCK]
+        prefix = encoded[0].prefix
+        assert prefix is not None
+        query = BlockQuery(prompt=QUESTION, prompt_ids=[], prefix_text="", prefix_ids=[],
+                           block_texts=BLOCK, block_ids=[() for _ in BLOCK])
+        alone = await full.score_block(query)
+        whole = sum(len(e.ids) for e in encoded)
+        assert (alone.computed_tokens, alone.cached_tokens) == (whole, 0)
+        together = await shared.score_block(query)  # the question and earlier steps once
+        assert together.cached_tokens == len(prefix) * (len(BLOCK) - 1) > 0
+        assert together.computed_tokens == whole - together.cached_tokens
+        assert together.rewards == pytest.approx(alone.rewards, abs=1e-5)
     finally:
         await shared.close()
         await full.close()

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from common.prune import PruneSettings
 from engine.pruning import (
     Pruner,
+    aligned_checkpoints,
     bound_prune,
     checkpoints,
     pruned_mass,
@@ -26,6 +27,28 @@ def test_checkpoints_stop_before_the_last_token() -> None:
     assert checkpoints(16, 64) == [16, 32, 48]
     assert checkpoints(16, 65) == [16, 32, 48, 64]
     assert checkpoints(16, 16) == [] and checkpoints(100, 64) == []
+
+
+def test_aligned_checkpoints_end_prompt_and_response_on_a_kv_block_boundary() -> None:
+    # prompt 40 tokens, blocks of 32: boundaries at response lengths 24, 56, 88, ...
+    assert aligned_checkpoints(16, 64, 40, 32) == [24, 56]
+    assert aligned_checkpoints(16, 64, 64, 32) == [32]  # 16 -> 32 and 32 -> 32 merge
+    assert all((40 + c) % 32 == 0 for c in aligned_checkpoints(8, 200, 40, 32))
+    # no block size, or no boundary before the end: the nominal checkpoints
+    assert aligned_checkpoints(16, 64, 40, None) == [16, 32, 48]
+    assert aligned_checkpoints(16, 64, 10, 128) == [16, 32, 48]
+
+
+@given(st.integers(1, 64), st.integers(2, 300), st.integers(0, 500), st.integers(1, 64))
+def test_aligned_checkpoints_are_increasing_and_never_earlier(every: int, max_tokens: int,
+                                                              prompt: int, block: int) -> None:
+    nominal = checkpoints(every, max_tokens)
+    aligned = aligned_checkpoints(every, max_tokens, prompt, block)
+    assert aligned == sorted(set(aligned)) and len(aligned) <= len(nominal)
+    assert all(0 < c < max_tokens for c in aligned)
+    if aligned != nominal:
+        assert all((prompt + c) % block == 0 for c in aligned)
+        assert aligned[0] >= nominal[0] and aligned[0] - nominal[0] < block
 
 
 def test_rank_keeps_the_top_fraction_of_the_live_candidates() -> None:
