@@ -43,7 +43,7 @@ class PruneEvalSettings:
     temperature: float = 1.0
     seed: int = 0
     reward: str | None = None
-    fewer: tuple[int, ...] = (1, 2, 4)  # the unpruned baselines with fewer candidates
+    fewer: tuple[int, ...] = (1, 2, 4, 8)  # the unpruned baselines with fewer candidates
 
     def sampling(self, index: int) -> SamplingSettings:
         return SamplingSettings(temperature=self.temperature, max_tokens=self.max_tokens,

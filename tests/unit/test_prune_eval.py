@@ -57,12 +57,18 @@ def test_the_replay_is_exact_and_agrees_with_the_online_runs(tmp_path: Path) -> 
         assert outcome.decoded_pruned == 16 + 4 * 4 + 2 * 8 + 12  # 8 -> 4 -> 2 -> 1
         assert outcome.computed_pruned < outcome.computed_unpruned
         assert set(outcome.correlations) == {4, 8, 12}
+        # Fewer candidates cost less: at least the decoded tokens of those left out.
+        costs = [outcome.fewer_computed[k] for k in (1, 2, 4)] + [outcome.computed_unpruned]
+        steps = zip(costs[:-1], costs[1:], (1, 2, 4), strict=True)
+        assert all(more - less >= 16 * k for less, more, k in steps)
     assert summary["decoded_saved"] == pytest.approx(1 - 60 / 128)
     labels = [row["label"] for row in summary["curve"]]
     assert labels == ["unpruned n=1", "unpruned n=2", "unpruned n=4", "unpruned n=8",
                       "pruned n=8 (rank)"]
+    assert set(summary["pruned_minus_fewer_computed"]) == {"1", "2", "4"}
     text = markdown_summary(report)
     assert "TV(pruned, unpruned selection)" in text and "5 of 5" in text
+    assert "computed tokens difference" in text
     assert reward_vs_tokens_chart(report, tmp_path / "chart.png").stat().st_size > 1000
 
 
