@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,9 @@ def add_prune_eval_args(parser: argparse.ArgumentParser) -> None:
         parser, "with --prune-mode: replay one pruning rule on unpruned requests (exact "
         "distortion, tokens saved, rank correlation) at n = --soft-n, lambda = --prune-lam")
     group.add_argument("--prune-lam", type=float, default=1.0, help="selection lambda (1.0)")
+    group.add_argument("--pass-reward", type=float,
+                       help="also report the pass rate: the chance the selection's reward is "
+                            "at least this (1 for the verifiers' fraction of checks met)")
 
 
 def add_prune_args(parser: argparse.ArgumentParser, description: str) -> Any:
@@ -52,7 +56,10 @@ def prune_eval_command(args: argparse.Namespace, load_app_config: Callable[..., 
     prompts = load_prompts(args.prompts_file, args.prompts)
     settings = PruneEvalSettings(prune=prune_settings(args), n=args.soft_n, lam=args.prune_lam,
                                  max_tokens=args.max_tokens, prompts=len(prompts),
-                                 seed=args.seed, reward=args.reward)
+                                 seed=args.seed, reward=args.reward,
+                                 pass_reward=args.pass_reward)
+    if settings.pass_reward is not None and not math.isfinite(settings.pass_reward):
+        raise ValueError("--pass-reward must be a finite number")
     if settings.n < 2:
         raise ValueError("--soft-n must be at least 2 to prune")
     out = Path(args.out)

@@ -21,7 +21,7 @@ from typing import Any
 from bench.promptset import PromptItem
 from common.prune import PruneSettings
 from common.values import json_number
-from engine.pruned import Checkpointer, replay, view_at
+from engine.pruned import Checkpointer, checkpoint_block, replay, view_at
 from engine.pruning import Pruner, pruned_mass
 from engine.seeds import run_seed
 from engine.selection import selection_weights
@@ -44,6 +44,7 @@ class PruneEvalSettings:
     seed: int = 0
     reward: str | None = None
     fewer: tuple[int, ...] = (1, 2, 4, 8)  # the unpruned baselines with fewer candidates
+    pass_reward: float | None = None  # a selection "passes" with a reward at least this
 
     def sampling(self, index: int) -> SamplingSettings:
         return SamplingSettings(temperature=self.temperature, max_tokens=self.max_tokens,
@@ -72,14 +73,26 @@ class PromptOutcome:
     correlations: dict[int, float | None] = field(default_factory=dict)  # per checkpoint
     fewer: dict[int, tuple[float, int]] = field(default_factory=dict)  # k -> reward, decoded
     fewer_computed: dict[int, float] = field(default_factory=dict)  # k -> computed (estimate)
+    # With ``pass_reward``: the chance the selection passes (k -> the fewer-candidate one).
+    pass_unpruned: float | None = None
+    pass_pruned: float | None = None
+    fewer_pass: dict[int, float] = field(default_factory=dict)
 
 
-def expected_reward(rewards: Sequence[float], lam: float,
-                    keep: Sequence[bool] | None = None) -> float:
-    """Sum of w_i r_i with w the selection weights over the kept candidates."""
+def expected_reward(rewards: Sequence[float], lam: float, keep: Sequence[bool] | None = None,
+                    values: Sequence[float] | None = None) -> float:
+    """Sum of w_i r_i with w the selection weights over the kept candidates (of w_i v_i
+    with ``values``: the mean of another quantity under the same selection)."""
     kept = [i for i in range(len(rewards)) if keep is None or keep[i]]
     weights = selection_weights([rewards[i] for i in kept], lam)
-    return sum(w * rewards[i] for w, i in zip(weights, kept, strict=True) if w > 0)
+    averaged = rewards if values is None else values
+    return sum(w * averaged[i] for w, i in zip(weights, kept, strict=True) if w > 0)
+
+
+def expected_pass(rewards: Sequence[float], lam: float, threshold: float,
+                  keep: Sequence[bool] | None = None) -> float:
+    """The chance the selection's reward is at least ``threshold``: sum of w_i [r_i >= t]."""
+    return expected_reward(rewards, lam, keep, [1.0 if r >= threshold else 0.0 for r in rewards])
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
@@ -153,7 +166,7 @@ async def evaluate_prompt(runtime: Any, item: PromptItem, index: int,
     decode = runtime.backend.decode
     candidates = _candidates(full)
     finals = full.final_block.rewards
-    block = getattr(runtime.backend, "kv_block_tokens", None)
+    block = checkpoint_block(scorer, getattr(runtime.backend, "kv_block_tokens", None))
     pruner = await replay(Checkpointer(Pruner(settings.prune, settings.n, settings.lam), scorer,
                                        item.prompt, prompt_ids, block=block),
                           candidates, settings.max_tokens, decode)
@@ -177,7 +190,20 @@ async def evaluate_prompt(runtime: Any, item: PromptItem, index: int,
             outcome.fewer[k] = (expected_reward(finals[:k], settings.lam),
                                 sum(c.num_tokens for c in candidates[:k]))
             outcome.fewer_computed[k] = fewer_computed(full, candidates, k)
+    if settings.pass_reward is not None:
+        _add_pass_rates(outcome, finals, keep, settings)
     return outcome
+
+
+def _add_pass_rates(outcome: PromptOutcome, finals: Sequence[float], keep: Sequence[bool],
+                    settings: PruneEvalSettings) -> None:
+    threshold, lam = settings.pass_reward, settings.lam
+    if threshold is None:
+        return
+    outcome.pass_unpruned = expected_pass(finals, lam, threshold)
+    outcome.pass_pruned = expected_pass(finals, lam, threshold, keep)
+    outcome.fewer_pass = {k: expected_pass(finals[:k], lam, threshold)
+                          for k in settings.fewer if k < settings.n}
 
 
 def fewer_computed(full: SBoNResult, candidates: Sequence[Candidate], k: int) -> float:
@@ -231,6 +257,7 @@ class PruneEvalReport:
                       "n": self.settings.n, "reward": stat([x.reward_pruned for x in o]),
                       "decoded_tokens": stat([float(x.decoded_pruned) for x in o]),
                       "computed_tokens": stat([float(x.computed_pruned) for x in o])})
+        passing = _pass_rates(o, self.settings, stat, curve)
         return {
             "prompts": len(o),
             "tv": stat([x.tv for x in o]), "tv_max": max(x.tv for x in o),
@@ -252,6 +279,7 @@ class PruneEvalReport:
             "pruned_minus_fewer_computed": {
                 str(k): stat([x.computed_pruned - x.fewer_computed[k] for x in o])
                 for k in self.settings.fewer if k < self.settings.n},
+            **passing,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -260,6 +288,23 @@ class PruneEvalReport:
         settings["prune"] = self.settings.prune.model_dump()
         return {"settings": settings, "summary": self.summary(),
                 "per_prompt": [asdict(x) for x in self.outcomes]}
+
+
+def _pass_rates(o: Sequence[PromptOutcome], settings: PruneEvalSettings,
+                stat: Callable[[Sequence[float]], dict[str, float]],
+                curve: list[dict[str, Any]]) -> dict[str, Any]:
+    """With ``pass_reward``: each curve row's pass rate, and pruned minus fewer, paired."""
+    if settings.pass_reward is None:
+        return {}
+    fewer = [k for k in settings.fewer if k < settings.n]
+    rows = [[x.fewer_pass[k] for x in o] for k in fewer]
+    rows += [[x.pass_unpruned or 0.0 for x in o], [x.pass_pruned or 0.0 for x in o]]
+    for row, values in zip(curve, rows, strict=True):
+        row["pass_rate"] = stat(values)
+    return {"pass_reward": settings.pass_reward,
+            "pruned_minus_fewer_pass": {
+                str(k): stat([(x.pass_pruned or 0.0) - x.fewer_pass[k] for x in o])
+                for k in fewer}}
 
 
 def _mean_defined(values: Sequence[float | None]) -> float | None:
@@ -318,7 +363,21 @@ def markdown_summary(report: PruneEvalReport) -> str:
         cost = s["pruned_minus_fewer_computed"][k]
         lines.append(f"| n = {k} | {diff['mean']:+.4f} ± {diff['ci95']:.4f} | "
                      f"{cost['mean']:+.1f} ± {cost['ci95']:.1f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + _pass_lines(s))
+
+
+def _pass_lines(s: dict[str, Any]) -> list[str]:
+    if "pass_reward" not in s:
+        return []
+    lines = ["", f"Pass rate (the chance the selection's reward is at least "
+             f"{s['pass_reward']:g}):", "", "| selection | pass rate ± 95 % |", "|---|---|"]
+    lines += [f"| {row['label']} | {row['pass_rate']['mean']:.4f} ± "
+              f"{row['pass_rate']['ci95']:.4f} |" for row in s["curve"]]
+    lines += ["", "| pruned minus unpruned with fewer candidates (paired) | pass rate "
+              "difference ± 95 % |", "|---|---|"]
+    lines += [f"| n = {k} | {d['mean']:+.4f} ± {d['ci95']:.4f} |"
+              for k, d in s["pruned_minus_fewer_pass"].items()]
+    return lines
 
 
 def reward_vs_tokens_chart(report: PruneEvalReport, path: Path) -> Path:
@@ -331,25 +390,36 @@ def reward_vs_tokens_chart(report: PruneEvalReport, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     curve = report.summary()["curve"]
-    unpruned = [row for row in curve if row["label"].startswith("unpruned")]
-    pruned = [row for row in curve if not row["label"].startswith("unpruned")]
-    fig, axis = plt.subplots(figsize=(6.5, 4.5))
-    for rows, style, name in ((unpruned, "o-", "unpruned, n = 1, 2, 4, ..."),
-                              (pruned, "s", "pruned")):
-        axis.errorbar([r["computed_tokens"]["mean"] for r in rows],
-                      [r["reward"]["mean"] for r in rows],
-                      yerr=[r["reward"]["ci95"] for r in rows],
-                      xerr=[r["computed_tokens"]["ci95"] for r in rows], fmt=style,
-                      capsize=3, label=name)
-        for r in rows:
-            axis.annotate(r["label"], (r["computed_tokens"]["mean"], r["reward"]["mean"]),
-                          fontsize=7, xytext=(4, -10), textcoords="offset points")
+    panels = [("reward", "expected reward of the selection")]
+    if report.settings.pass_reward is not None:
+        panels.append(("pass_rate", "pass rate of the selection"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for axis, (key, label) in zip(axes[0], panels, strict=True):
+        _cost_panel(axis, curve, key)
+        axis.set_xlabel("computed tokens per request (decoded + prefilled, generation and "
+                        "reward)", fontsize=8)
+        axis.set_ylabel(label)
     s = report.settings
-    axis.set_xlabel("computed tokens per request (decoded + prefilled, generation and reward)")
-    axis.set_ylabel("expected reward of the selection")
-    axis.set_title(f"reward vs tokens: lambda={s.lam:g}, {len(report.outcomes)} prompts")
-    axis.legend(fontsize=8)
+    fig.suptitle(f"{'reward' if len(panels) == 1 else 'reward and pass rate'} vs computed "
+                 f"tokens: lambda={s.lam:g}, {len(report.outcomes)} prompts, 95 % intervals")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _cost_panel(axis: Any, curve: list[dict[str, Any]], key: str) -> None:
+    """One quantity against computed tokens: the fewer-candidates curve and the pruned point."""
+    unpruned = [row for row in curve if row["label"].startswith("unpruned")]
+    pruned = [row for row in curve if not row["label"].startswith("unpruned")]
+    # Labels below the curve's points and above the pruned one: they often sit close.
+    for rows, style, name, offset in ((unpruned, "o-", "unpruned, n = 1, 2, 4, ...", -10),
+                                      (pruned, "s", "pruned", 6)):
+        axis.errorbar([r["computed_tokens"]["mean"] for r in rows],
+                      [r[key]["mean"] for r in rows], yerr=[r[key]["ci95"] for r in rows],
+                      xerr=[r["computed_tokens"]["ci95"] for r in rows], fmt=style,
+                      capsize=3, label=name)
+        for r in rows:
+            axis.annotate(r["label"], (r["computed_tokens"]["mean"], r[key]["mean"]),
+                          fontsize=7, xytext=(4, offset), textcoords="offset points")
+    axis.legend(fontsize=8)

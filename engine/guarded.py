@@ -80,6 +80,7 @@ class GuardedScorer:
         self.name = inner.name
         self.timeout_s = float(timeout_s if timeout_s is not None else inner.timeout_s)
         self.never_choose_negative_infinity = inner.never_choose_negative_infinity
+        self.reuses_prefix_cache = inner.reuses_prefix_cache
         self.health = RewardHealth()
 
     async def start(self) -> None:

@@ -154,7 +154,8 @@ def _convert(gguf_path: Path, out: Path) -> None:
         delattr(config, "quantization_config")
     config.torch_dtype = torch.float32
     # A GGUF-loaded model refuses save_pretrained; a fresh model with its weights does not.
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # transformers' from_config carries no annotations.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
     missing, unexpected = model.load_state_dict(quantised.state_dict(), strict=False)
     if [k for k in missing if "lm_head" not in k] or unexpected:
         raise ModelPreparationError(f"weights do not match: {missing[:3]} {unexpected[:3]}")

@@ -47,6 +47,8 @@ OutputCallback = Callable[[Sequence[int], PrefillTokens], None]
 class PrunableBackend(Protocol):
     """What online pruning needs of an engine: single samples it can stop, and detokenising."""
 
+    kv_block_tokens: int | None  # tokens per prefix-cache block (None: the engine's default)
+
     async def sample_one(self, prompt_token_ids: Sequence[int], sampling: SamplingSettings,
                          max_tokens: int, request_id: str, seed: int | None, *,
                          on_output: OutputCallback,
@@ -75,6 +77,12 @@ def check_checkpoints(params: SBoNParams, max_tokens: int, max_checkpoints: int)
         raise SettingsError(f"{max_tokens} tokens with a checkpoint every "
                             f"{params.prune.every} make {count} checkpoints; the maximum is "
                             f"{max_checkpoints}", "prune.every")
+
+
+def checkpoint_block(scorer: GuardedScorer, block: int | None) -> int | None:
+    """The KV block size checkpoints align to: only for a reward whose queries go through a
+    vLLM prefix cache (judge, ``vllm``); for others alignment would only delay them."""
+    return block if scorer.reuses_prefix_cache else None
 
 
 def prunes(params: SBoNParams) -> bool:
@@ -308,7 +316,8 @@ async def pruned_step(backend: PrunableBackend, scorer: GuardedScorer, prompt: P
     if params.prune is None:
         raise ValueError("pruned_step needs prune settings")
     pruner = Pruner(params.prune, params.n, params.lam)
-    checkpointer = Checkpointer(pruner, scorer, prompt, prompt_ids, block=block)
+    checkpointer = Checkpointer(pruner, scorer, prompt, prompt_ids,
+                                block=checkpoint_block(scorer, block))
     started = time.perf_counter()
     candidates = await PrunedSelection(backend, checkpointer, sampling, request_id).run()
     survivors = {i: c for i, c in enumerate(candidates) if pruner.pruned_at[i] is None}

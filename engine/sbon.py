@@ -236,7 +236,7 @@ class SBoNEngine:
         step = await pruned_step(
             self.backend, self.scorers[request.reward_name], request.prompt,
             request.prompt_ids, request.params, request.sampling, request.engine_request_id(),
-            request.rng, getattr(self.backend, "kv_block_tokens", None))
+            request.rng, self.backend.kv_block_tokens)
         request.pruning = step.report
         request.tokens_scored += step.tokens_scored
         request.tokens_generated += sum(len(c.token_ids) for c in step.record.candidates)

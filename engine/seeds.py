@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 # The engine gives the n samples of one request the seeds seed + 0 .. seed + n - 1, so the
 # seeds of consecutive blocks are spaced far enough apart never to overlap.
 BLOCK_SEED_STRIDE = 1_000_003
@@ -15,18 +13,6 @@ def block_seed(seed: int | None, block_index: int) -> int | None:
     if seed is None:
         return None
     return (seed + block_index * BLOCK_SEED_STRIDE) % SEED_MODULUS
-
-
-def choice_seed(seed: int | None, choice_index: int) -> int | None:
-    """The seed of returned choice ``choice_index`` (OpenAI ``n``) of a seeded request.
-
-    Choice 0 keeps the request's seed, so ``n = 1`` and the first of several choices agree;
-    the others get seeds mixed from (seed, index), far from the block seeds of choice 0.
-    """
-    if seed is None or choice_index == 0:
-        return seed
-    digest = hashlib.sha256(f"{seed}:{choice_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % SEED_MODULUS
 
 
 # Measurements give every prompt and every stream of draws (a method, or the pool against

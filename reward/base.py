@@ -36,6 +36,12 @@ class RewardScorer(Protocol):
         ...
 
     @property
+    def reuses_prefix_cache(self) -> bool:
+        """True when its queries run through a vLLM prefix cache (judge, ``vllm``), so that
+        work aligned to KV blocks is reused (engine/pruned.py aligns checkpoints to them)."""
+        ...
+
+    @property
     def healthy(self) -> bool:
         """True once started and while it can serve; False when it cannot serve without a
         restart (its engine or worker died, a device error that sticks)."""

@@ -202,6 +202,7 @@ class BatchedModelScorer(Generic[ItemT]):
 
     _batcher: BatchWorker[ItemT]
     never_choose_negative_infinity = False  # -inf from a model is a failure
+    reuses_prefix_cache = False  # transformers in the process: no vLLM prefix cache
 
     def _load(self) -> None:
         raise NotImplementedError

@@ -57,6 +57,8 @@ class JudgeScorer:
     """Reward = log p(yes_token) - log p(no_token) from a co-located language model."""
 
     never_choose_negative_infinity = False  # -inf from the judge is a failure
+    # Its queries run on the generation engine, through its prefix cache (engine/pruned.py).
+    reuses_prefix_cache = True
     healthy = True  # the engine is the generator's, watched by the server itself
 
     def __init__(self, config: JudgeRewardConfig, engine: JudgeEngine) -> None:

@@ -41,13 +41,15 @@ def load_callable(spec: str) -> Callable[..., Any]:
             raise ValueError(f"'{spec}': '{attribute}' not found in '{module_name}'")
     if not callable(target):
         raise ValueError(f"'{spec}' is not callable")
-    return target
+    function: Callable[..., Any] = target
+    return function
 
 
 class PythonScorer:
     """Calls a Python function once per (prompt, response), off the event loop."""
 
     never_choose_negative_infinity = True  # -inf = never choose (module docstring)
+    reuses_prefix_cache = False
     healthy = True  # a failing function fails its requests; nothing here dies for good
     WORKERS = 4  # a function that hangs holds one worker; the timeout frees its request
     PROCESSES = 2  # isolation: process; a hung one is killed at timeout_s and replaced

@@ -59,6 +59,8 @@ class VLLMRewardScorer:
     """Reward = the raw logit of the configured label, from a vLLM pooling engine."""
 
     never_choose_negative_infinity = False  # -inf from a model is a failure
+    # Its queries run through a vLLM prefix cache (engine/pruned.py aligns checkpoints).
+    reuses_prefix_cache = True
 
     def __init__(self, config: VLLMRewardConfig, engine: ClassifierEngine) -> None:
         self.name = config.name

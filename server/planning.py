@@ -9,6 +9,7 @@ then tokenises the prompts in the tokenizer's worker thread and checks the lengt
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import time
 import uuid
@@ -22,6 +23,7 @@ from common.prompts import Prompt
 from engine.pruned import check_checkpoints
 from engine.resolve import SettingsError, resolve_params
 from engine.sbon import SBoNEngine
+from engine.seeds import SEED_MODULUS
 from engine.types import SamplingSettings, SBoNParams
 from reward.truncation import ResponseTooLong, check_response_room
 from server.errors import InvalidRequest, NotFound
@@ -102,6 +104,27 @@ class Plan:
         return [(p * self.choices_per_prompt + c, p) for p in range(len(self.prompts))
                 for c in range(self.choices_per_prompt)]
 
+    def sampling_for(self, choice: int) -> SamplingSettings:
+        """The sampling settings of one returned choice: its own seed when seeded.
+
+        Per prompt: a batch of prompts with one seed answers each as a single request would.
+        """
+        seed = choice_seed(self.sampling.seed, choice % self.choices_per_prompt)
+        return self.sampling if seed == self.sampling.seed else replace(self.sampling, seed=seed)
+
+
+def choice_seed(seed: int | None, choice_index: int) -> int | None:
+    """The seed of returned choice ``choice_index`` (OpenAI ``n``) of a seeded request.
+
+    Choice 0 keeps the request's seed, so ``n = 1`` and the first of several choices agree;
+    the others get seeds mixed from (seed, index), far from the block seeds of choice 0
+    (engine/seeds.py spaces those ``BLOCK_SEED_STRIDE`` apart).
+    """
+    if seed is None or choice_index == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{choice_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % SEED_MODULUS
+
 
 class Planner:
     """Checks requests against the server's policy and tokenises their prompts."""
@@ -114,7 +137,7 @@ class Planner:
         """Every check that needs no tokenizer; counts and characters first
         (server/limits.py), so that tokenising only ever sees bounded input."""
         self._check_model(request.model)
-        _refuse_unsupported(request)
+        refuse_unsupported(request)
         limits = self.config.limits
         check_request_size(request, limits)
         params = self._params(request, runtime)
@@ -238,7 +261,8 @@ def _check_reward_room(request: AnyRequest, reward: str, runtime: ServingRuntime
                              "reward_context_exceeded") from exc
 
 
-def _refuse_unsupported(request: AnyRequest) -> None:
+def refuse_unsupported(request: AnyRequest) -> None:
+    """A 400 naming the first OpenAI field set to a value this server does not implement."""
     values = dict(request)  # field name -> value
     for name in sorted(request.model_fields_set & UNSUPPORTED_FIELDS.keys()):
         if not _is_neutral(values[name], UNSUPPORTED_FIELDS[name]):

@@ -24,7 +24,6 @@ from starlette.types import Message, Receive, Scope, Send
 
 from common.config import AppConfig
 from common.tasks import first_error
-from engine.seeds import choice_seed
 from engine.types import BlockEvent, SamplingSettings, SBoNResult, TextEvent
 from server.datalog import DataLog, build_record
 from server.errors import Overloaded, sse_error_frame, to_api_error
@@ -169,18 +168,10 @@ class CompletionService:
     async def _run_choice(self, plan: Plan, runtime: ServingRuntime, choice: int,
                           prompt_index: int) -> ChoiceResult:
         result = await runtime.sbon.run(
-            plan.prompts[prompt_index], plan.params, self._sampling_for(plan, choice),
+            plan.prompts[prompt_index], plan.params, plan.sampling_for(choice),
             self._engine_id(plan, choice), plan.prompt_ids[prompt_index])
         self.observe(plan, result, choice)
         return ChoiceResult(choice, prompt_index, result)
-
-    def _sampling_for(self, plan: Plan, choice: int) -> SamplingSettings:
-        # Per prompt: a batch of prompts with one seed answers each as a single request would.
-        seed = choice_seed(plan.sampling.seed, choice % plan.choices_per_prompt)
-        if seed == plan.sampling.seed:
-            return plan.sampling
-        values = plan.sampling.__dict__ | {"seed": seed}
-        return SamplingSettings(**values)
 
     def _engine_id(self, plan: Plan, choice: int) -> str:
         # Unique even when a client reuses its X-Request-Id for concurrent requests.
@@ -227,7 +218,7 @@ class CompletionService:
         self.datalog.submit(functools.partial(
             build_record, request_id=plan.request_id, logged_at=time.time(),
             model=plan.model, prompt=plan.prompts[choice // plan.choices_per_prompt],
-            sampling=self._sampling_for(plan, choice), result=result))
+            sampling=plan.sampling_for(choice), result=result))
 
     # --- streaming -----------------------------------------------------------------------
 
@@ -285,7 +276,7 @@ class CompletionService:
                     queue: asyncio.Queue[tuple[int, StreamItem]]) -> None:
         try:
             async for event in runtime.sbon.stream(
-                    plan.prompts[prompt_index], plan.params, self._sampling_for(plan, choice),
+                    plan.prompts[prompt_index], plan.params, plan.sampling_for(choice),
                     self._engine_id(plan, choice), plan.prompt_ids[prompt_index],
                     token_stream=True):
                 if isinstance(event, SBoNResult):

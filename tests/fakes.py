@@ -69,6 +69,7 @@ class FakeBackend:
     running: set[str] = field(default_factory=set)  # request ids inside generate() now
     sampling_seen: list[SamplingSettings] = field(default_factory=list)
     dead: BaseException | None = None  # set it to make the engine die
+    kv_block_tokens: int | None = None  # prefix-cache block size (None: not aligned)
     chunk: int = 1  # sample_one: tokens per output
     token_delay_s: float = 0.0  # sample_one: pause before each output
     aborted: list[str] = field(default_factory=list)  # sample_one requests cancelled
@@ -157,6 +158,7 @@ class FakeScorer:
     alive: bool = True  # False: the scorer died (``healthy`` turns False)
     # -inf is a failure unless a subclass declares it means "never choose".
     never_choose_negative_infinity: ClassVar[bool] = False
+    reuses_prefix_cache: ClassVar[bool] = False  # True: queries go through a prefix cache
 
     @property
     def healthy(self) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 from api_harness import Served
 
-from engine.seeds import choice_seed
+from server.planning import choice_seed
 from server.datalog import read_log
 
 MESSAGES = [{"role": "user", "content": "Write a haiku about the sea."}]

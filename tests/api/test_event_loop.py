@@ -101,7 +101,8 @@ def test_health_answers_while_large_requests_are_parsed_and_scored(server_factor
     assert len(info["blocks"]) == 8 and info["reward_truncated"] is True
     assert len({round(r, 5) for r in info["blocks"][0]["rewards"]}) > 1  # not blind
     # The parse-heavy requests are refused by the content-parts limit, counted on the raw
-    # JSON in a worker thread before any part is validated.
+    # JSON before any part is validated, in a worker process (their value bound is far above
+    # server.body_parsing.IN_PROCESS_VALUES): the serving process never decodes them.
     refused = [r for r in responses if r is not scored[0]]
     assert [r.status_code for r in refused] == [400] * 4
     assert all(r.json()["error"]["param"] == "messages" for r in refused)
@@ -113,3 +114,40 @@ def test_health_answers_while_large_requests_are_parsed_and_scored(server_factor
     # The target is 100 ms on an idle machine; this bound leaves room for a loaded one (with
     # the bodies validated on the event loop, /health waited 5 s and more).
     assert worst < 1.5
+
+
+def test_bodies_checked_in_the_worker_process_are_answered_as_in_the_server(
+        server_factory) -> None:
+    """Bodies with more possible JSON values than server.body_parsing.IN_PROCESS_VALUES are
+    validated in a worker process first: refusals keep their 400, valid bodies their 200."""
+    served = server_factory(limits={"max_prompt_chars": 400_000})
+    # Content parts whose "type" key is written with an escape: counting the bytes '"type"'
+    # would find none of them.
+    part = b'{"\\u0074ype":"text","text":"a"}'
+    escaped = (b'{"model":"fake-model","max_tokens":4,"messages":[{"role":"user","content":['
+               + b",".join([part] * 60_000) + b"]}]}")
+    refused = httpx.post(f"{served.url}/v1/chat/completions", content=escaped, timeout=120,
+                         headers={"content-type": "application/json"})
+    assert refused.status_code == 400, refused.text[:300]
+    error = refused.json()["error"]
+    assert error["code"] == "limit_exceeded" and error["param"] == "messages"
+    assert "not 60000" in error["message"]
+    commas = {"model": "fake-model", "max_tokens": 4,
+              "messages": [{"role": "user", "content": "a," * 120_000}]}
+    answered = httpx.post(f"{served.url}/v1/chat/completions", json=commas, timeout=120)
+    assert answered.status_code == 200, answered.text[:300]
+    bad = httpx.post(f"{served.url}/v1/chat/completions", timeout=120,
+                     json={**commas, "unknown_field": 1})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "unknown_field"
+    # Valid as a model, but 600,000 empty lists: refused by the serving layer's check of
+    # unsupported fields, run in the worker process (decoding it here would take 400 ms).
+    lists = b",".join([b"[]"] * 600_000)
+    costly = httpx.post(f"{served.url}/v1/completions", timeout=120,
+                        headers={"content-type": "application/json"},
+                        content=b'{"model":"fake-model","prompt":"a","logit_bias":['
+                        + lists + b"]}")
+    assert costly.status_code == 400, costly.text[:300]
+    assert costly.json()["error"]["param"] == "logit_bias"
+    deep = httpx.post(f"{served.url}/v1/completions", content=b"[" * 200_000, timeout=120,
+                      headers={"content-type": "application/json"})
+    assert deep.status_code == 400 and deep.json()["error"]["code"] == "invalid_json"

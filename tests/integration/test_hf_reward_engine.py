@@ -32,6 +32,12 @@ async def test_the_hf_reward_scores_engine_candidates(runtime, tmp_path: Path) -
         # The rewards are the model's own scores of (prompt, candidate text).
         again = await scorer.score([PROMPT] * 4, [c.text for c in block.candidates])
         assert again == pytest.approx(block.rewards, abs=1e-4)
+        # The cost axis counts the tokens the reward model ran on (the shared prompt once,
+        # its reuse by the other 3 candidates as cached: a multiple of 3).
+        scoring = hard.prefill_scoring
+        assert scoring.computed > 0 and scoring.cached > 0 and scoring.cached % 3 == 0
+        assert hard.tokens_computed == (hard.tokens_generated + hard.prefill_generation.computed
+                                        + hard.prefill_scoring.computed)
         blockwise = await engine.run(PROMPT, SBoNParams(n=3, lam=0.5, block_size=8),
                                      SamplingSettings(max_tokens=16, seed=5), "it-hf-block")
         assert blockwise.reward_name == "rm" and 1 <= len(blockwise.blocks) <= 2

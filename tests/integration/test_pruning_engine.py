@@ -98,6 +98,7 @@ class NoLetterE:
     name = "no-e"
     timeout_s = 30.0
     never_choose_negative_infinity = False
+    reuses_prefix_cache = False
     healthy = True
 
     async def score(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:

@@ -93,3 +93,18 @@ def test_the_installed_uvicorn_is_in_the_pinned_tested_range() -> None:
     (uvicorn,) = [p for p in pins if p.name == "uvicorn"]
     assert uvicorn.specifier and "<" in str(uvicorn.specifier), "pin an upper bound"
     assert version("uvicorn") in uvicorn.specifier
+
+
+def test_the_core_packages_are_type_checked_strictly() -> None:
+    # mypy runs in test_lint.py with these settings; they must not quietly fall away.
+    import tomllib
+
+    mypy = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["mypy"]
+    (core,) = [o for o in mypy["overrides"] if "server.*" in o["module"]]
+    assert set(core["module"]) >= {"common.*", "reward.*", "engine.*", "server.*"}
+    strict_flags = {"disallow_any_generics", "disallow_subclassing_any", "disallow_untyped_calls",
+                    "disallow_untyped_defs", "disallow_incomplete_defs",
+                    "disallow_untyped_decorators", "warn_return_any", "no_implicit_reexport",
+                    "strict_equality", "extra_checks"}
+    assert all(core.get(flag) is True for flag in strict_flags), core
+    assert mypy["warn_unused_ignores"] and mypy["check_untyped_defs"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from bench.promptset import PromptItem
 from bench.prune_eval import (
     PruneEvalSettings,
     decoded_after_pruning,
+    expected_pass,
     expected_reward,
     markdown_summary,
     reward_vs_tokens_chart,
@@ -81,6 +83,33 @@ def test_expected_reward_over_survivors_and_decoded_tokens() -> None:
     assert decoded_after_pruning(candidates, [None, None]) == 8
 
 
+def test_pass_rate_is_the_selection_weight_of_passing_candidates() -> None:
+    assert expected_pass([1.0, 0.5, 1.0, 0.0], math.inf, 1.0) == 0.5
+    assert expected_pass([1.0, 0.5], 0.0, 1.0) == 1.0 and expected_pass([1.0, 0.5], 0.0, 2) == 0
+    assert expected_pass([1.0, 0.5], math.inf, 0.9, keep=[False, True]) == 0.0
+
+
+def test_the_report_adds_pass_rates_and_a_second_panel(tmp_path: Path) -> None:
+    runtime = fake_runtime(SampleByIndex(), {"r": FakeScorer(fn=mean_id)})
+    settings = PruneEvalSettings(prune=PruneSettings(mode="rank", every=4, keep=0.5), n=8,
+                                 lam=0.05, max_tokens=16, prompts=3, pass_reward=160.0)
+    report = asyncio.run(run_prune_eval(runtime, PROMPTS, settings))
+    summary = report.summary()
+    for outcome in report.outcomes:
+        assert outcome.pass_unpruned is not None and outcome.pass_pruned is not None
+        assert 0.0 <= outcome.pass_pruned <= 1.0 and set(outcome.fewer_pass) == {1, 2, 4}
+    # The fake rewards lie near 160: some candidates pass 160, some do not.
+    assert 0.0 < statistics.fmean(o.pass_unpruned or 0.0 for o in report.outcomes) < 1.0
+    assert all("pass_rate" in row for row in summary["curve"])
+    assert set(summary["pruned_minus_fewer_pass"]) == {"1", "2", "4"}
+    assert "Pass rate" in markdown_summary(report)
+    wide = reward_vs_tokens_chart(report, tmp_path / "two.png")
+    plain = PruneEvalSettings(prune=settings.prune, n=8, lam=0.05, max_tokens=16, prompts=3)
+    narrow = reward_vs_tokens_chart(asyncio.run(run_prune_eval(runtime, PROMPTS, plain)),
+                                    tmp_path / "one.png")
+    assert wide.stat().st_size > narrow.stat().st_size
+
+
 def test_spearman_matches_known_values() -> None:
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -125,3 +154,18 @@ def test_the_prune_flags_of_sbon_generate_are_validated() -> None:
                 ["--prune-mode", "rank", "--prune-every", "0"]):
         with pytest.raises(ValueError):
             settings(*bad)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_a_pass_reward_must_be_finite(bad: str) -> None:
+    from bench.prune_cli import prune_eval_command
+    from cli.main import build_parser
+
+    args = build_parser().parse_args(["eval", "--prune-mode", "rank", "--prompts", "1",
+                                      f"--pass-reward={bad}"])
+
+    def no_engine(_: object) -> object:
+        raise AssertionError("the value is refused before anything starts")
+
+    with pytest.raises(ValueError, match="--pass-reward"):
+        prune_eval_command(args, no_engine)

@@ -16,7 +16,7 @@ from common.config import Normalization, SBoNDefaults
 from common.prompts import Prompt
 from common.prune import PruneSettings
 from engine.guarded import guard
-from engine.pruned import Checkpointer, replay, sample_seed
+from engine.pruned import Checkpointer, checkpoint_block, replay, sample_seed
 from engine.pruning import Pruner, pruned_mass
 from engine.resolve import SBoNOverrides, SettingsError, resolve_params
 from engine.sbon import SBoNEngine
@@ -249,3 +249,21 @@ def test_the_datalog_gives_pruned_candidates_no_reward_and_pairs_skip_them() -> 
                                          result.pruning.pruned_at, strict=True) if at is None}
     assert len(survivors) == 2 and len(rows) == 1  # keep 0.5 of 4 at the one checkpoint
     assert rows[0]["chosen"] in survivors and rows[0]["rejected"] in survivors
+
+
+class CachedFake(FakeScorer):
+    """A scorer whose queries go through a vLLM prefix cache, as the judge's do."""
+
+    reuses_prefix_cache = True
+
+
+def test_checkpoints_align_to_kv_blocks_only_for_prefix_cached_rewards() -> None:
+    assert checkpoint_block(guard(FakeScorer()), 32) is None
+    assert checkpoint_block(guard(CachedFake()), 32) == 32
+    assert checkpoint_block(guard(CachedFake()), None) is None
+    prune = PruneSettings(mode="rank", every=16, keep=0.5)
+    aligned = Checkpointer(Pruner(prune, 4, 1.0), guard(CachedFake()), "p", [0] * 40,
+                           block=checkpoint_block(guard(CachedFake()), 32))
+    assert aligned.positions(64) == [24, 56]
+    plain = Checkpointer(Pruner(prune, 4, 1.0), guard(FakeScorer()), "p", [0] * 40)
+    assert plain.positions(64) == [16, 32, 48]
