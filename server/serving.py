@@ -24,7 +24,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from common.config import AppConfig
 from common.tasks import first_error
-from engine.types import BlockEvent, SamplingSettings, SBoNResult, TextEvent
+from engine.types import BlockEvent, SBoNResult, TextEvent
 from server.datalog import DataLog, build_record
 from server.errors import Overloaded, sse_error_frame, to_api_error
 from server.metrics import Metrics

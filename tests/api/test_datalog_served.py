@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 from api_harness import Served
 
-from server.planning import choice_seed
 from server.datalog import read_log
+from server.planning import choice_seed
 
 MESSAGES = [{"role": "user", "content": "Write a haiku about the sea."}]
 
