@@ -193,6 +193,8 @@ def _eval(args: argparse.Namespace, load_app_config: Callable[..., Any]) -> int:
     if args.prune_mode:
         _quiet_engine()
         return prune_eval_command(args, load_app_config)
+    if args.also is not None:
+        raise ValueError("--also needs --prune-mode (it adds methods to the pruning chart)")
     from bench.evaluate import EvalSettings, markdown_table
     from bench.plots import eval_chart
     from bench.promptset import load_prompts

@@ -23,6 +23,11 @@ def add_prune_eval_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pass-reward", type=float,
                        help="also report the pass rate: the chance the selection's reward is "
                             "at least this (1 for the verifiers' fraction of checks met)")
+    group.add_argument("--also", metavar="METHODS",
+                       help="also run these on every prompt and put them on the chart: "
+                            "blockwise, particles (comma-separated)")
+    group.add_argument("--also-block-size", type=int, default=16,
+                       help="block size of --also methods (16)")
 
 
 def add_prune_args(parser: argparse.ArgumentParser, description: str) -> Any:
@@ -51,13 +56,17 @@ def prune_settings(args: argparse.Namespace) -> Any:
 
 def prune_eval_command(args: argparse.Namespace, load_app_config: Callable[..., Any]) -> int:
     from bench.promptset import load_prompts
+    from bench.prune_also import check_block_size, parse_also
     from bench.prune_eval import PruneEvalSettings, markdown_summary, reward_vs_tokens_chart
 
+    also = parse_also(args.also)
+    check_block_size(args.also_block_size, args.max_tokens)
     prompts = load_prompts(args.prompts_file, args.prompts)
     settings = PruneEvalSettings(prune=prune_settings(args), n=args.soft_n, lam=args.prune_lam,
                                  max_tokens=args.max_tokens, prompts=len(prompts),
                                  seed=args.seed, reward=args.reward,
-                                 pass_reward=args.pass_reward)
+                                 pass_reward=args.pass_reward, also=also,
+                                 block_size=args.also_block_size)
     if settings.pass_reward is not None and not math.isfinite(settings.pass_reward):
         raise ValueError("--pass-reward must be a finite number")
     if settings.n < 2:

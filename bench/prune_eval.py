@@ -19,6 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.promptset import PromptItem
+from bench.prune_also import (
+    AlsoOutcome,
+    also_lines,
+    also_rows,
+    method_params,
+    paired_difference,
+    run_method,
+)
 from common.prune import PruneSettings
 from common.values import json_number
 from engine.pruned import Checkpointer, checkpoint_block, replay, view_at
@@ -45,6 +53,8 @@ class PruneEvalSettings:
     reward: str | None = None
     fewer: tuple[int, ...] = (1, 2, 4, 8)  # the unpruned baselines with fewer candidates
     pass_reward: float | None = None  # a selection "passes" with a reward at least this
+    also: tuple[str, ...] = ()  # more methods on the chart: blockwise, particles
+    block_size: int = 16  # their block size
 
     def sampling(self, index: int) -> SamplingSettings:
         return SamplingSettings(temperature=self.temperature, max_tokens=self.max_tokens,
@@ -77,6 +87,7 @@ class PromptOutcome:
     pass_unpruned: float | None = None
     pass_pruned: float | None = None
     fewer_pass: dict[int, float] = field(default_factory=dict)
+    also: dict[str, AlsoOutcome] = field(default_factory=dict)  # method -> its request
 
 
 def expected_reward(rewards: Sequence[float], lam: float, keep: Sequence[bool] | None = None,
@@ -192,6 +203,11 @@ async def evaluate_prompt(runtime: Any, item: PromptItem, index: int,
             outcome.fewer_computed[k] = fewer_computed(full, candidates, k)
     if settings.pass_reward is not None:
         _add_pass_rates(outcome, finals, keep, settings)
+    for method in settings.also:
+        params = method_params(method, settings.n, settings.lam, settings.reward,
+                               settings.block_size)
+        outcome.also[method] = await run_method(runtime, item.prompt, params, sampling,
+                                                f"eval-{method}-{index}", settings.pass_reward)
     return outcome
 
 
@@ -258,6 +274,9 @@ class PruneEvalReport:
                       "decoded_tokens": stat([float(x.decoded_pruned) for x in o]),
                       "computed_tokens": stat([float(x.computed_pruned) for x in o])})
         passing = _pass_rates(o, self.settings, stat, curve)
+        also = [x.also for x in o]
+        curve += also_rows(also, self.settings.also, self.settings.n, self.settings.block_size,
+                           stat)
         return {
             "prompts": len(o),
             "tv": stat([x.tv for x in o]), "tv_max": max(x.tv for x in o),
@@ -280,6 +299,8 @@ class PruneEvalReport:
                 str(k): stat([x.computed_pruned - x.fewer_computed[k] for x in o])
                 for k in self.settings.fewer if k < self.settings.n},
             **passing,
+            "also": list(self.settings.also),
+            "particles_minus_blockwise": paired_difference(also, stat),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -363,7 +384,7 @@ def markdown_summary(report: PruneEvalReport) -> str:
         cost = s["pruned_minus_fewer_computed"][k]
         lines.append(f"| n = {k} | {diff['mean']:+.4f} ± {diff['ci95']:.4f} | "
                      f"{cost['mean']:+.1f} ± {cost['ci95']:.1f} |")
-    return "\n".join(lines + _pass_lines(s))
+    return "\n".join(lines + _pass_lines(s) + also_lines(s))
 
 
 def _pass_lines(s: dict[str, Any]) -> list[str]:
@@ -411,10 +432,12 @@ def reward_vs_tokens_chart(report: PruneEvalReport, path: Path) -> Path:
 def _cost_panel(axis: Any, curve: list[dict[str, Any]], key: str) -> None:
     """One quantity against computed tokens: the fewer-candidates curve and the pruned point."""
     unpruned = [row for row in curve if row["label"].startswith("unpruned")]
-    pruned = [row for row in curve if not row["label"].startswith("unpruned")]
-    # Labels below the curve's points and above the pruned one: they often sit close.
-    for rows, style, name, offset in ((unpruned, "o-", "unpruned, n = 1, 2, 4, ...", -10),
-                                      (pruned, "s", "pruned", 6)):
+    pruned = [row for row in curve if row["label"].startswith("pruned")]
+    groups = [(unpruned, "o-", "unpruned, n = 1, 2, 4, ...", -10), (pruned, "s", "pruned", 6)]
+    groups += [([row], marker, row["kind"], 6) for row, marker in zip(
+        [row for row in curve if "kind" in row], ("^", "D", "v", "P"), strict=False)]
+    # Labels below the curve's points and above the others: they often sit close.
+    for rows, style, name, offset in groups:
         axis.errorbar([r["computed_tokens"]["mean"] for r in rows],
                       [r[key]["mean"] for r in rows], yerr=[r[key]["ci95"] for r in rows],
                       xerr=[r["computed_tokens"]["ci95"] for r in rows], fmt=style,

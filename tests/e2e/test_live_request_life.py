@@ -205,7 +205,8 @@ def test_a_burst_of_large_prompts_is_refused_before_any_tokenising(capped: LiveS
     # Tokenising one such prompt takes ~0.1 s here: refusing after tokenising would put
     # seconds before the last 429.
     assert max(on_server) < SERVER_BOUND_S, on_server
-    assert refused[-1] < REFUSED_BOUND_S, refused
+    # A loaded machine slows the baseline's refusals as much: the bound follows it.
+    assert refused[-1] < max(REFUSED_BOUND_S, 3 * small_worst), refused
     assert max(probes) < HEALTH_BOUND_S, probes
     after = httpx.post(f"{capped.url}/v1/chat/completions", json=chat("Hi", max_tokens=4),
                        timeout=120)
@@ -300,7 +301,9 @@ def test_a_dead_reward_engine_is_503_on_health_and_exit_1(
         loading = health_while_loading(server)
         print(f"\n/health while both engines loaded: {len(loading)} answers, worst "
               f"{max(loading):.3f} s")
-        assert max(loading) < 2.0, loading  # the event loop stayed free (engines in threads)
+        # The event loop stayed free: the reward engine alone takes 30-100 s to build here,
+        # which on the loop would hold every answer that long (a loaded machine: 5 s bound).
+        assert max(loading) < 5.0, loading
         cores = engine_cores(server)
         assert len(cores) == 2, [c.name() for c in cores]
         pooling = cores[-1]  # started after the generator
