@@ -9,12 +9,10 @@ Copies of one ancestor continue from its token ids in one engine request (its KV
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
-from common.prompts import Prompt
 from common.tasks import first_error
 from engine.backend import GenerationBackend
 from engine.particle_math import (
@@ -24,7 +22,7 @@ from engine.particle_math import (
     particle_weights,
     systematic_resample,
 )
-from engine.sbon import find_stop, finish_reason
+from engine.sbon import RequestInputs, find_stop, finish_reason
 from engine.seeds import block_seed
 from engine.selection import (
     kl_bon_bound,
@@ -40,12 +38,10 @@ from engine.types import (
     Diagnostics,
     ParticleStep,
     PrefillTokens,
-    SamplingSettings,
-    SBoNParams,
     SBoNResult,
     ScoredCandidate,
 )
-from reward.base import BlockQuery, RewardScorer, score_block
+from reward.base import BlockQuery, score_block
 
 
 @dataclass
@@ -65,24 +61,10 @@ class _Particle:
                          self.finish_reason, list(self.path))
 
 
-@dataclass(frozen=True)
-class ParticleRequest:
-    """What one particle-filtered choice needs: its inputs, the engine and the reward."""
-
-    prompt: Prompt
-    params: SBoNParams
-    sampling: SamplingSettings
-    request_id: str
-    reward_name: str
-    scorer: RewardScorer
-    rng: random.Random
-    prompt_ids: list[int]
-
-
 class ParticleFilter:
     """Runs one choice of a particles request; :meth:`stream` yields its blocks and result."""
 
-    def __init__(self, backend: GenerationBackend, request: ParticleRequest) -> None:
+    def __init__(self, backend: GenerationBackend, request: RequestInputs) -> None:
         self.backend, self.request = backend, request
         self.particles = [_Particle() for _ in range(request.params.n)]
         self.records: list[BlockRecord] = []

@@ -46,8 +46,9 @@ class UnknownRewardError(KeyError):
 
 
 @dataclass
-class _Request:
-    """Everything one request carries through its blocks: inputs, scorer, rng, progress."""
+class RequestInputs:
+    """What one choice of a request needs, whichever loop runs it: its inputs, the reward
+    and a seeded rng."""
 
     prompt: Prompt
     params: SBoNParams
@@ -57,6 +58,12 @@ class _Request:
     scorer: RewardScorer
     rng: random.Random
     prompt_ids: list[int]
+
+
+@dataclass
+class _Request(RequestInputs):
+    """Everything one request carries through its blocks: its inputs and its progress."""
+
     response_ids: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of ``text`` already streamed
@@ -192,9 +199,9 @@ class SBoNEngine:
         rng = random.Random(sampling.seed) if sampling.seed is not None else random.Random()
         if params.particles and params.blockwise:
             # Imported here: engine/particles.py reuses this module's stop rules.
-            from engine.particles import ParticleFilter, ParticleRequest
+            from engine.particles import ParticleFilter
 
-            particles = ParticleFilter(self.backend, ParticleRequest(
+            particles = ParticleFilter(self.backend, RequestInputs(
                 prompt, params, sampling, request_id, reward_name, scorer, rng, ids))
             async for event in particles.stream():
                 yield event
