@@ -22,7 +22,7 @@ from engine.particle_math import (
     particle_weights,
     systematic_resample,
 )
-from engine.sbon import RequestInputs, find_stop, finish_reason
+from engine.sbon import RequestInputs, end_of_block
 from engine.seeds import block_seed
 from engine.selection import (
     kl_bon_bound,
@@ -164,25 +164,12 @@ class ParticleFilter:
     def _extend(self, particle: _Particle, block: Candidate) -> None:
         """Append a block, cut at a stop string that spans blocks, and decide whether the
         particle has finished (the same rules as the blockwise loop, engine/sbon.py)."""
-        sampling, params = self.request.sampling, self.request.params
         before = len(particle.text)
         particle.response_ids.extend(block.token_ids)
-        particle.text += block.text
-        cut = None
-        if sampling.stop and (block.finish_reason != "stop"
-                              or block.stop_reason not in sampling.stop):
-            cut = find_stop(particle.text, sampling.stop, before)
-        if cut is not None:
-            particle.text = particle.text[:cut]
-        at_step_end = bool(params.block_delimiter) and block.stop_reason == params.block_delimiter
-        total = len(self.request.prompt_ids) + len(particle.response_ids)
-        particle.finish_reason = finish_reason(
-            None if at_step_end else block.finish_reason, blockwise=True,
-            stop_string_found=cut is not None, response_tokens=len(particle.response_ids),
-            max_tokens=sampling.max_tokens, context_full=total >= self.backend.max_model_len,
-            block_empty=not block.token_ids,
-            block_limit_reached=params.max_blocks is not None
-            and len(self.records) + 1 >= params.max_blocks)
+        particle.text, particle.finish_reason = end_of_block(
+            self.request, particle.text + block.text, before, block,
+            response_tokens=len(particle.response_ids), blocks_done=len(self.records) + 1,
+            max_model_len=self.backend.max_model_len)
 
     async def _score(self, live: list[int]) -> tuple[list[float], PrefillTokens]:
         """Rewards of the live particles' whole responses so far, in one scoring call (the

@@ -113,6 +113,34 @@ def finish_reason(
     return None
 
 
+def end_of_block(
+    request: RequestInputs, text: str, before: int, block: Candidate | ScoredCandidate, *,
+    response_tokens: int, blocks_done: int, max_model_len: int,
+) -> tuple[str, str | None]:
+    """A response's text after its newest block and why it ends (None: another block).
+
+    ``text`` already holds the block, whose characters start at ``before``. vLLM stops
+    within a block; a stop string that spans two blocks is found and cut here. One rule for
+    the selection loop and the particle filter.
+    """
+    sampling, params = request.sampling, request.params
+    cut = None
+    if params.blockwise and sampling.stop and (block.finish_reason != "stop"
+                                               or block.stop_reason not in sampling.stop):
+        cut = find_stop(text, sampling.stop, before)
+    if cut is not None:
+        text = text[:cut]
+    at_step_end = bool(params.block_delimiter) and block.stop_reason == params.block_delimiter
+    reason = finish_reason(
+        None if at_step_end else block.finish_reason, blockwise=params.blockwise,
+        stop_string_found=cut is not None, response_tokens=response_tokens,
+        max_tokens=sampling.max_tokens,
+        context_full=len(request.prompt_ids) + response_tokens >= max_model_len,
+        block_empty=not block.token_ids,
+        block_limit_reached=params.max_blocks is not None and blocks_done >= params.max_blocks)
+    return text, reason
+
+
 def held_back(text: str, stops: Sequence[str]) -> int:
     """Length of the longest suffix of ``text`` that could begin a stop string.
 
@@ -312,27 +340,13 @@ class SBoNEngine:
     def _append(self, request: _Request) -> str:
         """Append the newest chosen block to the response; return the text it releases."""
         chosen = request.blocks[-1].chosen
-        sampling, blockwise = request.sampling, request.params.blockwise
+        sampling = request.sampling
         before = len(request.text)
         request.response_ids.extend(chosen.token_ids)
-        request.text += chosen.text
-        # vLLM stops within a block; a stop string that spans two blocks is found here.
-        cut = None
-        if blockwise and sampling.stop and (chosen.finish_reason != "stop"
-                                            or chosen.stop_reason not in sampling.stop):
-            cut = find_stop(request.text, sampling.stop, before)
-        if cut is not None:
-            request.text = request.text[:cut]
-        total = len(request.prompt_ids) + len(request.response_ids)
-        params = request.params
-        at_step_end = bool(params.block_delimiter) and chosen.stop_reason == params.block_delimiter
-        request.finish_reason = finish_reason(
-            None if at_step_end else chosen.finish_reason, blockwise=blockwise,
-            stop_string_found=cut is not None, response_tokens=len(request.response_ids),
-            max_tokens=sampling.max_tokens, context_full=total >= self.backend.max_model_len,
-            block_empty=not chosen.token_ids,
-            block_limit_reached=params.max_blocks is not None
-            and len(request.blocks) >= params.max_blocks)
+        request.text, request.finish_reason = end_of_block(
+            request, request.text + chosen.text, before, chosen,
+            response_tokens=len(request.response_ids), blocks_done=len(request.blocks),
+            max_model_len=self.backend.max_model_len)
         end = len(request.text)
         if request.finish_reason is None:
             end -= held_back(request.text, sampling.stop)
