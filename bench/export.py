@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from common.values import json_number
-from engine.sbon import find_stop
+from engine.blocks import find_stop
 from server.datalog import LogContents, read_log
 
 Format = Literal["pairs", "sft", "scored"]

@@ -8,9 +8,6 @@ GPU memory each engine holds. Only the steps touch the GPU; the rest is tested a
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,28 +134,6 @@ def name_engines(children: Sequence[tuple[int, str, float]]) -> list[tuple[str, 
     return [(names[i], pid) for i, (pid, _, _) in enumerate(cores)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.gpucheck plan|run --settings JSON``: write the configuration and
-    the steps (plan), or also run them and print the summary (run)."""
-    parser = argparse.ArgumentParser(prog="gpucheck")
-    parser.add_argument("action", choices=["plan", "run"])
-    parser.add_argument("--settings", default="{}", help="CheckSettings as JSON")
-    parser.add_argument("--python", default=sys.executable)
-    args = parser.parse_args(argv)
-    try:
-        settings = CheckSettings.model_validate_json(args.settings)
-        _, plan = write_plan(settings, args.python)
-    except ValueError as exc:
-        print(f"gpucheck: error: {exc}", file=sys.stderr)
-        return 2
-    if args.action == "plan":
-        print(json.dumps([{"name": s.name, "command": list(s.command)} for s in plan], indent=2))
-        return 0
-    from bench.gpucheck_run import run_plan
-
-    return run_plan(settings, plan)
-
-
 def write_plan(settings: CheckSettings, python: str) -> tuple[Path, list[Step]]:
     """Write the server configuration into the output folder; return it and the steps."""
     import yaml
@@ -170,6 +145,3 @@ def write_plan(settings: CheckSettings, python: str) -> tuple[Path, list[Step]]:
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     return config_path, steps(settings, python, config_path)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,13 +1,16 @@
-"""Running the GPU check's steps (``bench/gpucheck.py`` plans them): the test tiers, a live
+"""Running the GPU check's steps (``bench/gpucheck.py`` plans them; ``python -m
+bench.gpucheck_run plan|run`` is the command): the test tiers, a live
 server on the planned configuration, ``sbon bench`` against it, the GPU memory of each
 engine, then the summary. Runs only on a machine with an NVIDIA GPU."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +25,7 @@ from bench.gpucheck import (
     gpu_memory_by_process,
     name_engines,
     summary,
+    write_plan,
 )
 
 START_TIMEOUT_S = 1800  # first start downloads both models
@@ -99,3 +103,27 @@ def run_plan(settings: CheckSettings, plan: Sequence[Step]) -> int:
     (out / "summary.txt").write_text(text + "\n")
     print(text)
     return 0 if text.endswith("PASS") else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.gpucheck_run plan|run --settings JSON``: write the configuration and
+    the steps (plan), or also run them and print the summary (run)."""
+    parser = argparse.ArgumentParser(prog="gpucheck")
+    parser.add_argument("action", choices=["plan", "run"])
+    parser.add_argument("--settings", default="{}", help="CheckSettings as JSON")
+    parser.add_argument("--python", default=sys.executable)
+    args = parser.parse_args(argv)
+    try:
+        settings = CheckSettings.model_validate_json(args.settings)
+        _, plan = write_plan(settings, args.python)
+    except ValueError as exc:
+        print(f"gpucheck: error: {exc}", file=sys.stderr)
+        return 2
+    if args.action == "plan":
+        print(json.dumps([{"name": s.name, "command": list(s.command)} for s in plan], indent=2))
+        return 0
+    return run_plan(settings, plan)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

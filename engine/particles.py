@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from common.tasks import first_error
 from engine.backend import GenerationBackend
+from engine.blocks import RequestInputs, end_of_block
 from engine.particle_math import (
     add_increment,
     ess,
@@ -22,7 +23,6 @@ from engine.particle_math import (
     particle_weights,
     systematic_resample,
 )
-from engine.sbon import RequestInputs, end_of_block
 from engine.seeds import block_seed
 from engine.selection import (
     kl_bon_bound,

@@ -12,7 +12,6 @@ configured, the scorer is a :class:`BoundedPythonScorer` (a ``BoundedScorer``).
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -22,27 +21,8 @@ from typing import Any
 from common.config import PythonRewardConfig
 from common.prompts import Prompt, prompt_as_text
 from reward.base import RewardBounds, RewardError, check_lengths
-from reward.python_process import ProcessPool, as_float
-
-
-def load_callable(spec: str) -> Callable[..., Any]:
-    """Import ``package.module:function``."""
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise ValueError(f"'{spec}' is not of the form module:function")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import '{module_name}' for reward function '{spec}'") from exc
-    target: Any = module
-    for part in attribute.split("."):
-        target = getattr(target, part, None)
-        if target is None:
-            raise ValueError(f"'{spec}': '{attribute}' not found in '{module_name}'")
-    if not callable(target):
-        raise ValueError(f"'{spec}' is not callable")
-    function: Callable[..., Any] = target
-    return function
+from reward.callables import as_float, load_callable
+from reward.python_process import ProcessPool
 
 
 class PythonScorer:

@@ -21,18 +21,11 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from reward.base import RewardError
+from reward.callables import as_float, load_callable
 
 logger = logging.getLogger(__name__)
 
 Reply = tuple[str, Any]  # ("ok", [floats]) | ("error", detail) | ("invalid", detail)
-
-
-def as_float(value: Any) -> float:
-    """``value`` as a float, or ValueError naming its type (a huge int overflows float)."""
-    try:
-        return float(value)
-    except Exception as exc:  # TypeError, ValueError, OverflowError, or a broken __float__
-        raise ValueError(f"returned {type(value).__name__}, not a number") from exc
 
 
 def _call(function: Any, text: str, response: str) -> Any:
@@ -54,7 +47,6 @@ def _answer(function: Any, texts: list[str], responses: list[str]) -> Reply:
 
 def serve(conn: Connection, spec: str) -> None:
     """A worker process: import the function, then answer jobs until the pipe closes."""
-    from reward.python_fn import load_callable
 
     # Ctrl-C reaches the whole process group; the server stops its workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -52,4 +52,4 @@ print(json.dumps(settings))
 PY
 )
 export PYTHONUNBUFFERED=1 SBON_TEST_CACHE="${SBON_TEST_CACHE:-$HOME/.cache/sbon-test}"
-exec "$VENV/bin/python" -m bench.gpucheck run --settings "$SETTINGS" --python "$VENV/bin/python"
+exec "$VENV/bin/python" -m bench.gpucheck_run run --settings "$SETTINGS" --python "$VENV/bin/python"

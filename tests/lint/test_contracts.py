@@ -38,7 +38,7 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     ("reward/prm.py", "self._tokenizer", "chat_template"): "a Hugging Face tokenizer",
     ("reward/prm.py", "model_config", "auto_map"): "a transformers config",
     ("reward/prm.py", "output", "logits"): "a transformers model output or a tuple",
-    ("reward/python_fn.py", "target", DYNAMIC): "the user's module, by the configured path",
+    ("reward/callables.py", "target", DYNAMIC): "the user's module, by the configured path",
     ("reward/vllm_reward.py", "tokenizer", "chat_template"): "a Hugging Face tokenizer",
 }
 

@@ -1,10 +1,10 @@
-"""``engine.sbon.finish_reason``: why a response ends after its newest block, one case each."""
+"""``engine.blocks.finish_reason``: why a response ends after its newest block, one case each."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from engine.sbon import finish_reason
+from engine.blocks import finish_reason
 
 
 def decide(**changes: Any) -> str | None:

@@ -16,12 +16,12 @@ from bench.gpucheck import (
     bench_ratios,
     engine_memory,
     gpu_memory_by_process,
-    main,
     name_engines,
     server_config,
     steps,
     summary,
 )
+from bench.gpucheck_run import main
 from common.config import AppConfig
 
 

@@ -8,8 +8,9 @@ import pytest
 from fakes import Call, FakeBackend, FakeScorer, stop_at_stop_strings
 
 from common.config import SBoNDefaults
+from engine.blocks import find_stop, held_back
 from engine.resolve import SBoNOverrides, resolve_params
-from engine.sbon import SBoNEngine, UnknownRewardError, find_stop, held_back
+from engine.sbon import SBoNEngine, UnknownRewardError
 from engine.seeds import BLOCK_SEED_STRIDE
 from engine.selection import kl_bon_bound
 from engine.types import (

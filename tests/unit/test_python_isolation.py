@@ -73,7 +73,8 @@ async def test_process_isolation_scores_like_threads() -> None:
 
 
 async def test_hung_workers_are_killed_at_the_timeout_and_replaced() -> None:
-    reward = scorer("hang_on_request", "process", timeout_s=1.0)
+    # 3 s: a replacement worker is a fresh interpreter, slow to start on a loaded machine.
+    reward = scorer("hang_on_request", "process", timeout_s=3.0)
     await reward.start()
     pool = reward._processes
     assert pool is not None
@@ -83,9 +84,9 @@ async def test_hung_workers_are_killed_at_the_timeout_and_replaced() -> None:
         hangs = reward.PROCESSES + 2
         for _ in range(hangs):
             started = time.monotonic()
-            with pytest.raises(RewardError, match="did not answer within 1 s"):
+            with pytest.raises(RewardError, match="did not answer within 3 s"):
                 await reward.score(["p"], ["hang"])
-            assert time.monotonic() - started < 10.0
+            assert time.monotonic() - started < 15.0
         assert pool.restarts == hangs
         assert not before & set(pool.pids())  # every original worker was replaced
         assert await reward.score(["p", "p"], ["four", "xy"]) == [4.0, 2.0]

@@ -9,9 +9,10 @@ import pytest
 from common.config import JudgeRewardConfig, PythonRewardConfig
 from common.prompts import Message, Prompt, conversation, prompt_as_text
 from reward.base import BlockQuery, RewardError
+from reward.callables import load_callable
 from reward.hf import token_budget_batches
 from reward.judge import JudgeScorer, LabelLogprobs
-from reward.python_fn import PythonScorer, load_callable
+from reward.python_fn import PythonScorer
 from reward.registry import build_scorer
 
 
