@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from common.prompts import Prompt, prompt_as_text
+from engine.pruned import sample_seed
 from engine.sbon import SBoNEngine
 from engine.types import Candidate, PrefillTokens, SamplingSettings
 
@@ -145,6 +146,22 @@ class FakeBackend:
     @property
     def dead_error(self) -> BaseException | None:
         return self.dead
+
+
+class SampleByIndex(FakeBackend):
+    """``generate`` draws sample i as ``sample_one`` with seed + i: the seeds vLLM gives."""
+
+    async def generate(self, prompt_token_ids: Sequence[int], n: int, sampling: SamplingSettings,
+                       max_tokens: int, request_id: str, seed: int | None) -> list[Candidate]:
+        return [await self.sample_one(prompt_token_ids, sampling, max_tokens,
+                                      f"{request_id}-{i}", sample_seed(seed, i),
+                                      on_output=lambda ids, prefill: None) for i in range(n)]
+
+
+def mean_id(text: str) -> float:
+    """A reward over fake words ``w<id>``: the mean token id of the text."""
+    words = text.split()
+    return sum(int(w[1:]) for w in words) / max(1, len(words))
 
 
 @dataclass

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from fakes import FakeBackend, FakeScorer, fake_runtime
+from fakes import FakeScorer, SampleByIndex, fake_runtime, mean_id
 
 from bench.promptset import PromptItem
 from bench.prune_also import (
@@ -25,25 +25,8 @@ from bench.prune_eval import (
     run_prune_eval,
 )
 from common.prune import PruneSettings
-from engine.pruned import sample_seed
-from engine.types import Candidate, SamplingSettings
 
 PROMPTS = [PromptItem(f"p{i}", f"prompt number {i}") for i in range(3)]
-
-
-class SampleByIndex(FakeBackend):
-    """``generate`` draws sample i as ``sample_one`` with seed + i: the seeds vLLM gives."""
-
-    async def generate(self, prompt_token_ids: Sequence[int], n: int, sampling: SamplingSettings,
-                       max_tokens: int, request_id: str, seed: int | None) -> list[Candidate]:
-        return [await self.sample_one(prompt_token_ids, sampling, max_tokens,
-                                      f"{request_id}-{i}", sample_seed(seed, i),
-                                      on_output=lambda ids, prefill: None) for i in range(n)]
-
-
-def mean_id(text: str) -> float:
-    words = text.split()
-    return sum(int(w[1:]) for w in words) / max(1, len(words))
 
 
 def stat(values: Sequence[float]) -> dict[str, float]:
