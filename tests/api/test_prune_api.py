@@ -9,18 +9,13 @@ import httpx
 import openai
 import pytest
 from api_harness import Served
-from fakes import FakeBackend, FakeScorer
+from fakes import FakeBackend, FakeScorer, mean_id
 
 from common.prompts import Prompt
 from reward.base import RewardBounds
 
 MESSAGES = [{"role": "user", "content": "Write a haiku about the sea."}]
 RANK = {"mode": "rank", "every": 4, "keep": 0.5}
-
-
-def mean_id(text: str) -> float:
-    words = text.split()
-    return sum(int(w[1:]) for w in words) / max(1, len(words))
 
 
 class Bounded(FakeScorer):
